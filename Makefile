@@ -1,0 +1,37 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# nothing may reach a hub: weights and data come from local paths or are generated
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+# pyproject.toml pins torch==2.14.1 / torchvision==0.29.1 (see README "Install")
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	touch $@
+
+# The main job on the embedded default (tiny preset, shapes world).
+demo: install
+	$(BIN)/mgllava world
+	$(BIN)/mgllava zoo
+	$(BIN)/mgllava detector-train
+	$(BIN)/mgllava detect
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

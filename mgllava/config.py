@@ -1,0 +1,331 @@
+"""The one configuration system: typed, validated at start-up.
+
+A configuration is a preset (``mgllava/presets/<name>.yaml``) or a YAML file,
+with ``--set dotted.key=value`` overrides from the command line on top. It is
+validated by pydantic before any heavy work: an unknown preset, an unknown or
+ill-typed field, or (through :meth:`Config.check_paths`) a missing local path
+raises :class:`ConfigError` with one message that names it.
+
+String fields may use two placeholders, filled in at load time:
+
+- ``{home}``: ``$MGLLAVA_HOME`` (default ``~/.mgllava``), where the warehouse,
+  the Prefect server state and the default work directories live;
+- ``{work_dir}``: the configuration's own ``work_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mgllava.templates import TEMPLATES
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+REQUIRED = "???"  # a full-size preset's placeholder for a path the user must give
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the field or file."""
+
+
+def mgllava_home() -> Path:
+    return Path(os.environ.get("MGLLAVA_HOME", "~/.mgllava")).expanduser()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class LLMConfig(_Section):
+    path: str = Field(description="Hugging Face model directory (config, weights, tokenizer)")
+    template: str = Field(description="chat template: " + ", ".join(TEMPLATES))
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATES:
+            raise ValueError(f"unknown chat template {value!r}; choose one of: {', '.join(TEMPLATES)}")
+        return value
+
+
+class VisionConfig(_Section):
+    clip_path: str = Field(description="Hugging Face CLIP directory (CLIPVisionModel + image processor)")
+    convnext_path: str = Field(
+        description="open_clip ConvNeXt checkpoint directory (open_clip_config.json + weights)"
+    )
+    high_res: int = Field(768, gt=0, description="side of the high-resolution input (ConvNeXt)")
+    low_res: int = Field(336, gt=0, description="side of the low-resolution input (CLIP ViT)")
+    select_layer: int = Field(-2, description="CLIP hidden-state layer used as image tokens (-2: penultimate)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> VisionConfig:
+        if self.high_res % 32:
+            raise ValueError(f"high_res={self.high_res} must be a multiple of 32 (the ConvNeXt stride)")
+        if self.low_res > self.high_res:
+            raise ValueError(f"low_res={self.low_res} must not exceed high_res={self.high_res}")
+        return self
+
+
+class ModelConfig(_Section):
+    llm: LLMConfig
+    vision: VisionConfig
+    object_features: Literal["direct", "lean"] = Field(
+        "direct",
+        description="direct: RoIAlign on the 4 stage maps upsampled to the stage-1 grid and concatenated "
+        "(as the paper); lean: RoIAlign each stage at its own resolution, then concatenate",
+    )
+    roi_output: int = Field(56, gt=0, description="RoIAlign output size (then mean-pooled)")
+    nms_iou: float = Field(0.2, ge=0, le=1, description="class-aware NMS IoU threshold on input boxes")
+    box_cap_threshold: int = Field(100, gt=0, description="above this many boxes, cap each category")
+    boxes_per_category: int = Field(20, gt=0, description="boxes kept per category when capping")
+    max_length: int = Field(2048, gt=0, description="LLM context: image tokens + object tokens + text")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class WorldConfig(_Section):
+    """The generated shapes world (the embedded default corpus)."""
+
+    n_images: int = Field(400, gt=0)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    world_dir: str | None = Field(
+        "{work_dir}/world", description="generated shapes world; null when using real corpora"
+    )
+    image_root: str = Field("{work_dir}/world/images", description="root that LLaVA 'image' keys are relative to")
+    pretrain_json: str = Field("{work_dir}/world/pretrain.json", description="LLaVA-Pretrain caption JSON")
+    finetune_json: str = Field("{work_dir}/world/instruct.json", description="LLaVA-Instruct JSON")
+    boxes_dir: str = Field("{work_dir}/boxes", description="Parquet box tables (detect stage output)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+# --------------------------------------------------------------------------- detector
+
+
+class DetectorTrainConfig(_Section):
+    base: str = Field("yolo11n.yaml", description="Ultralytics model YAML or weights to start from")
+    data: str = Field("{work_dir}/world/data.yaml", description="YOLO-format dataset YAML")
+    epochs: int = Field(15, gt=0)
+    imgsz: int = Field(320, gt=0)
+    batch: int = Field(16, gt=0)
+    min_map50: float = Field(0.6, ge=0, le=1, description="mAP50 the trained detector must reach")
+
+
+class DetectorConfig(_Section):
+    model: str = Field(
+        "{work_dir}/detector/weights/best.pt",
+        description="Ultralytics weights (.pt: YOLO, RT-DETR, YOLO-World, YOLOE) or model YAML",
+    )
+    classes: list[str] | None = Field(None, description="class-name prompts for open-vocabulary models")
+    conf: float = Field(0.25, ge=0, le=1, description="score threshold")
+    iou: float = Field(0.7, ge=0, le=1, description="the detector's own NMS IoU")
+    imgsz: int = Field(320, gt=0)
+    batch: int = Field(16, gt=0)
+    device: str = Field("auto", description="auto, cpu, or a CUDA device such as 0")
+    shard_size: int = Field(256, gt=0, description="images per Parquet shard")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="larger images are rejected")
+    train: DetectorTrainConfig = Field(default_factory=DetectorTrainConfig)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class StageConfig(_Section):
+    global_batch: int = Field(gt=0, description="samples per optimizer step, over all ranks")
+    micro_batch: int = Field(gt=0, description="samples per forward pass on one rank")
+    lr: float = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_start_factor: float = Field(1e-5, gt=0, le=1, description="warm-up starts at lr x this")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU"
+    )
+    save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and at the end)")
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> StageConfig:
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"global_batch={self.global_batch} is not divisible by micro_batch={self.micro_batch}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    pretrain: StageConfig
+    finetune: StageConfig
+    seed: int = 0
+    output_dir: str = "{work_dir}/train"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(default_factory=lambda: ["pope", "mmbench", "textvqa", "gqa"])
+    batch_size: int = Field(8, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate at most this many samples per task")
+    max_new_tokens: int = Field(16, gt=0)
+    data_dirs: dict[str, str] = Field(
+        default_factory=dict, description="task -> local directory of real benchmark data"
+    )
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the GPT judge's key")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(_Section):
+    preset: str = Field("custom", description="name of the preset this configuration came from")
+    work_dir: str = Field("{home}/runs/{preset}", description="where this configuration's stages write")
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def check_paths(self, *fields: str) -> None:
+        """Fail with one clear message if a local path named by a dotted field is missing.
+
+        ``check_paths("model.llm.path", "model.vision.clip_path")``. A field still
+        holding the ``???`` placeholder of a full-size preset is reported as unset.
+        """
+        for dotted in fields:
+            value = self.get(dotted)
+            if value is None or value == REQUIRED:
+                raise ConfigError(
+                    f"config field '{dotted}' is not set: give it with --set {dotted}=/local/path "
+                    f"(preset '{self.preset}')"
+                )
+            if not Path(value).exists():
+                raise ConfigError(f"config field '{dotted}': path does not exist: {value}")
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            if not hasattr(node, part):
+                raise ConfigError(f"unknown config field '{dotted}'")
+            node = getattr(node, part)
+        return node
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"bad override {item!r}: {exc}") from None
+    return key.strip(), value
+
+
+def _fill_placeholders(node: Any, values: dict[str, str]) -> Any:
+    if isinstance(node, str):
+        for name, value in values.items():
+            node = node.replace("{" + name + "}", value)
+        return node
+    if isinstance(node, dict):
+        return {k: _fill_placeholders(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill_placeholders(v, values) for v in node]
+    return node
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
+        lines.append(f"config field '{field}': {msg}{got}")
+    return f"invalid configuration from {source}: " + "; ".join(lines)
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Load a preset or a YAML file, apply ``dotted.key=value`` overrides, validate.
+
+    With neither ``preset`` nor ``path`` the ``tiny`` preset (the embedded
+    default) is used. Raises :class:`ConfigError` naming the problem.
+    """
+    if preset and path:
+        raise ConfigError("give either a preset or a config file, not both")
+    if path:
+        tree, source = _read_yaml(Path(path)), str(path)
+        tree.setdefault("preset", Path(path).stem)
+    else:
+        name = preset or "tiny"
+        if name not in list_presets():
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+        tree, source = _read_yaml(PRESETS_DIR / f"{name}.yaml"), f"preset '{name}'"
+        tree["preset"] = name
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    work_dir = str(tree.get("work_dir", Config.model_fields["work_dir"].default))
+    work_dir = _fill_placeholders(work_dir, {"home": str(mgllava_home()), "preset": str(tree["preset"])})
+    tree["work_dir"] = work_dir
+    tree = _fill_placeholders(tree, {"home": str(mgllava_home()), "work_dir": work_dir})
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -1,0 +1,193 @@
+"""The tiny model zoo: small checkpoints in the public full-size layouts.
+
+``mgllava zoo --out DIR`` writes three directories that the model code loads
+with exactly the calls it uses for the real checkpoints:
+
+- ``llm/``: a tiny Llama-architecture ``LlamaForCausalLM`` and a byte-level BPE
+  tokenizer trained on the shapes world's text, saved with ``save_pretrained``
+  (loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), as
+  Vicuna, Llama-3, Phi-3 and Yi are;
+- ``clip/``: a tiny ``CLIPVisionModel`` with its ``CLIPImageProcessor``, the
+  layout of ``openai/clip-vit-large-patch14-336``;
+- ``convnext/``: a tiny open_clip ConvNeXt CLIP (timm ``convnext_atto`` trunk)
+  as ``open_clip_config.json`` + ``open_clip_model.safetensors``, the layout of
+  the hub's ``laion/CLIP-convnext_large_d_320.*`` repositories, loaded by
+  ``open_clip.create_model("local-dir:" + path)``.
+
+Sizes follow the ``tiny`` preset: CLIP at ``low_res`` with patch 14, ConvNeXt
+at ``high_res``. Everything is seeded, so the zoo is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _world_texts(world_dir: Path) -> Iterator[str]:
+    """Every string of the world's corpora and benchmark questions, plus the chat templates' words."""
+    from mgllava.templates import TEMPLATES
+
+    for template in TEMPLATES.values():
+        yield template.system + template.user_prefix + template.assistant_prefix
+    for name in ("pretrain.json", "instruct.json"):
+        for record in json.loads((world_dir / name).read_text()):
+            for turn in record["conversations"]:
+                yield turn["value"]
+    for line in (world_dir / "annotations.jsonl").read_text().splitlines():
+        if line.strip() and json.loads(line).get("text"):
+            yield json.loads(line)["text"]
+
+
+def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on the world's text, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_world_texts(world_dir), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
+
+
+def build_llm(out: Path, world_dir: Path, max_length: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(world_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_clip(out: Path, image_size: int) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=64,
+    )
+    CLIPVisionModel(config).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out)
+
+
+def convnext_open_clip_config(image_size: int) -> dict:
+    """An open_clip hub config for a tiny ConvNeXt CLIP (``convnext_atto`` trunk; the text tower is unused)."""
+    return {
+        "model_cfg": {
+            "embed_dim": 64,
+            "vision_cfg": {
+                "timm_model_name": "convnext_atto",
+                "timm_model_pretrained": False,
+                "timm_pool": "",
+                "timm_proj": "linear",
+                "timm_drop": 0.0,
+                "timm_drop_path": 0.0,
+                "image_size": image_size,
+            },
+            "text_cfg": {"context_length": 16, "vocab_size": 512, "width": 32, "heads": 2, "layers": 1},
+        },
+        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+    }
+
+
+def build_convnext(out: Path, image_size: int) -> None:
+    """Write the open_clip hub layout, then build the model from it with the real loading code."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps(convnext_open_clip_config(image_size), indent=2))
+    model = open_clip.create_model(LOCAL_DIR_PREFIX + str(out), pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+
+
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+def build_zoo(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res: int, max_length: int) -> Path:
+    """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete."""
+    import torch
+
+    out_dir, world_dir = Path(out_dir), Path(world_dir)
+    marker = out_dir / "zoo.json"
+    settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir)}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
+        return out_dir
+    if not (world_dir / "instruct.json").exists():
+        raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
+    torch.manual_seed(0)
+    build_llm(out_dir / "llm", world_dir, max_length)
+    build_clip(out_dir / "clip", low_res)
+    build_convnext(out_dir / "convnext", high_res)
+    marker.write_text(json.dumps(settings, indent=2))
+    log.info("tiny zoo written to %s", out_dir)
+    return out_dir
+
+
+def register_cli(subparsers) -> None:
+    from mgllava.cli import add_config_args
+
+    parser = subparsers.add_parser(
+        "zoo",
+        help="build the tiny model zoo (LLM + tokenizer, CLIP ViT, open_clip ConvNeXt)",
+        description="Build tiny checkpoints in the full-size public layouts (Hugging Face directories, "
+        "an open_clip config + safetensors weights) for the tiny preset. The tokenizer is trained "
+        "on the shapes world's text, so the world must exist.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--out", help="output directory (default: the zoo under the config's work_dir)")
+    parser.add_argument("--world", help="shapes world directory (default: the config's data.world_dir)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mgllava.cli import config_from_args
+
+    config = config_from_args(args)
+    out = Path(args.out) if args.out else Path(config.model.llm.path).parent
+    world = args.world or config.data.world_dir
+    if not world:
+        raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
+    vision = config.model.vision
+    build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length)
+    print(f"zoo: {out} (llm/, clip/, convnext/)")
+    return 0
