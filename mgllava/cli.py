@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "mgllava.world",
     "mgllava.zoo",
     "detector.cli",
+    "mgllava.train.cli",
     "mgllava.config_cli",
 )
 

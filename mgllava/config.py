@@ -321,11 +321,11 @@ def load_config(
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)
-    work_dir = str(tree.get("work_dir", Config.model_fields["work_dir"].default))
-    work_dir = _fill_placeholders(work_dir, {"home": str(mgllava_home()), "preset": str(tree["preset"])})
-    tree["work_dir"] = work_dir
-    tree = _fill_placeholders(tree, {"home": str(mgllava_home()), "work_dir": work_dir})
     try:
+        # validate once to fill in defaults, then resolve placeholders everywhere and validate again
+        tree = Config.model_validate(tree).model_dump(mode="json")
+        work_dir = _fill_placeholders(tree["work_dir"], {"home": str(mgllava_home()), "preset": tree["preset"]})
+        tree = _fill_placeholders(tree, {"home": str(mgllava_home()), "work_dir": work_dir})
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None

@@ -4,7 +4,8 @@
 with exactly the calls it uses for the real checkpoints:
 
 - ``llm/``: a tiny Llama-architecture ``LlamaForCausalLM`` and a byte-level BPE
-  tokenizer trained on the shapes world's text, saved with ``save_pretrained``
+  tokenizer, both trained on the shapes world's text (the LLM briefly, as a language
+  model: the stand-in for a real LLM's text pretraining), saved with ``save_pretrained``
   (loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), as
   Vicuna, Llama-3, Phi-3 and Yi are;
 - ``clip/``: a tiny ``CLIPVisionModel`` with its ``CLIPImageProcessor``, the
@@ -34,15 +35,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _world_texts(world_dir: Path) -> Iterator[str]:
-    """Every string of the world's corpora and benchmark questions, plus the chat templates' words."""
+    """The world's conversations rendered in every chat template, and its rendered numbers."""
     from mgllava.templates import TEMPLATES
 
-    for template in TEMPLATES.values():
-        yield template.system + template.user_prefix + template.assistant_prefix
+    templates = list(TEMPLATES.values())
     for name in ("pretrain.json", "instruct.json"):
-        for record in json.loads((world_dir / name).read_text()):
-            for turn in record["conversations"]:
-                yield turn["value"]
+        for index, record in enumerate(json.loads((world_dir / name).read_text())):
+            turns = [(turn["from"], turn["value"]) for turn in record["conversations"]]
+            yield "".join(s.text for s in templates[index % len(templates)].render(turns))
     for line in (world_dir / "annotations.jsonl").read_text().splitlines():
         if line.strip() and json.loads(line).get("text"):
             yield json.loads(line)["text"]
@@ -66,7 +66,8 @@ def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
 
 
-def build_llm(out: Path, world_dir: Path, max_length: int) -> None:
+def build_llm(out: Path, world_dir: Path, max_length: int):
+    """Train the tokenizer and the tiny LLM on the world's text, save both; return (model, losses)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(world_dir)
@@ -83,11 +84,48 @@ def build_llm(out: Path, world_dir: Path, max_length: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    losses = pretrain_on_text(model, tokenizer, list(_world_texts(world_dir)))
+    log.info("tiny LLM text pretraining: loss %.3f -> %.3f", losses[0], losses[-1])
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return model, losses
 
 
-def build_clip(out: Path, image_size: int) -> None:
+def pretrain_on_text(model, tokenizer, texts: list[str], block: int = 128, batch_size: int = 16) -> list[float]:
+    """One epoch of language-model pretraining of the tiny LLM on the world's text (no images).
+
+    The stand-in for the text pretraining every real LLM of the recipe has had: the
+    model learns the chat format and the words of the world, not what any image shows.
+    Texts are packed into ``block``-token rows (no padding). Returns each step's loss.
+    """
+    import torch
+
+    stream = []
+    for text in texts:
+        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    n_blocks = len(stream) // block
+    blocks = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)  # (n_blocks, block)
+    blocks = blocks[torch.randperm(n_blocks, generator=torch.Generator().manual_seed(0))]
+    steps = max(1, n_blocks // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for step in range(steps):
+        input_ids = blocks[step * batch_size : (step + 1) * batch_size]
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_clip(out: Path, image_size: int):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(
@@ -99,13 +137,15 @@ def build_clip(out: Path, image_size: int) -> None:
         patch_size=14,
         projection_dim=64,
     )
-    CLIPVisionModel(config).save_pretrained(out)
+    model = CLIPVisionModel(config)
+    model.save_pretrained(out)
     CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     ).save_pretrained(out)
+    return model
 
 
 def convnext_open_clip_config(image_size: int) -> dict:
@@ -128,7 +168,7 @@ def convnext_open_clip_config(image_size: int) -> dict:
     }
 
 
-def build_convnext(out: Path, image_size: int) -> None:
+def build_convnext(out: Path, image_size: int):
     """Write the open_clip hub layout, then build the model from it with the real loading code."""
     import open_clip
     from safetensors.torch import save_file
@@ -137,6 +177,7 @@ def build_convnext(out: Path, image_size: int) -> None:
     (out / "open_clip_config.json").write_text(json.dumps(convnext_open_clip_config(image_size), indent=2))
     model = open_clip.create_model(LOCAL_DIR_PREFIX + str(out), pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    return model
 
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -149,16 +190,16 @@ def build_zoo(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
     settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir)}
-    if marker.exists() and json.loads(marker.read_text()) == settings:
+    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
         log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
         return out_dir
     if not (world_dir / "instruct.json").exists():
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
-    build_llm(out_dir / "llm", world_dir, max_length)
+    _, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
     build_clip(out_dir / "clip", low_res)
     build_convnext(out_dir / "convnext", high_res)
-    marker.write_text(json.dumps(settings, indent=2))
+    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]]}, indent=2))
     log.info("tiny zoo written to %s", out_dir)
     return out_dir
 

@@ -1,0 +1,153 @@
+"""Training data: LLaVA conversation JSON + image root + the Parquet box tables.
+
+- :func:`load_conversations` reads a LLaVA JSON list and rejects, with a count per
+  reason, records that cannot train anything (no assistant turn, empty text, bad
+  roles, malformed entries), so ``kept + rejected = records``.
+- :class:`ConversationDataset` joins each record's image with its boxes (by the
+  image key, the path relative to the image root), runs the model's processor
+  (preprocessing, box mapping, chat template, loss masking, truncation) and, for an
+  image that is missing or corrupt, returns a :class:`Skipped` marker instead of
+  raising, so a DataLoader worker never crashes the run.
+- :class:`Collate` pads a micro-batch, drops the skipped samples and reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mgllava.model.boxes import Boxes
+from mgllava.model.processing_mgllava import MGLLaVAProcessor
+from mgllava.templates import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be loaded: its image key and why."""
+
+    key: str
+    reason: str  # missing_image | corrupt_image
+
+
+@dataclass
+class LoadReport:
+    records: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items())) or "none"
+        return f"{self.records} records: {self.kept} kept, {sum(self.rejected.values())} rejected ({reasons})"
+
+
+def _check_record(record) -> str | None:
+    """The reason a record cannot train anything, or None if it is usable."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return "malformed_record"
+    turns = record["conversations"]
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        return "malformed_turn"
+    if any(t.get("from") not in (HUMAN, ASSISTANT) for t in turns):
+        return "unknown_role"
+    if not any(t["from"] == ASSISTANT for t in turns):
+        return "no_assistant_turn"
+    if any(not t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in turns if t["from"] == ASSISTANT):
+        return "empty_text"
+    if not turns or turns[0]["from"] != HUMAN or any(a["from"] == b["from"] for a, b in zip(turns, turns[1:])):
+        return "roles_do_not_alternate"
+    n_images = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if n_images != (1 if record.get("image") else 0):
+        return "image_placeholder_mismatch"
+    return None
+
+
+def load_conversations(path: str | Path) -> tuple[list[dict], LoadReport]:
+    """Read a LLaVA JSON file; return the usable records and the tally of the rest."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"conversation file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: a LLaVA conversation file holds a JSON list, got {type(records).__name__}")
+    report = LoadReport(records=len(records))
+    kept = []
+    for record in records:
+        reason = _check_record(record)
+        if reason:
+            report.rejected[reason] += 1
+        else:
+            kept.append(record)
+    report.kept = len(kept)
+    log.info("%s: %s", path.name, report.summary())
+    return kept, report
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    def __init__(
+        self,
+        records: list[dict],
+        image_root: str | Path,
+        boxes: Mapping[str, Boxes],
+        processor: MGLLaVAProcessor,
+    ):
+        self.records = records
+        self.image_root = Path(image_root)
+        self.boxes = boxes
+        self.processor = processor
+        keys = {r["image"] for r in records if r.get("image")}
+        self.keys_without_boxes = sorted(keys - set(boxes))
+        if self.keys_without_boxes:
+            log.warning(
+                "%d of %d images have no row in the box tables: they get zero object tokens",
+                len(self.keys_without_boxes),
+                len(keys),
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict | Skipped:
+        record = self.records[index]
+        turns = [(t["from"], t["value"]) for t in record["conversations"]]
+        key = record.get("image")
+        if not key:
+            return self.processor(turns)
+        try:
+            with Image.open(self.image_root / key) as image:
+                image = image.convert("RGB")
+        except FileNotFoundError:
+            log.warning("skipping sample %s: image not found: %s", record.get("id"), self.image_root / key)
+            return Skipped(key, "missing_image")
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            log.warning("skipping sample %s: corrupt image %s: %s", record.get("id"), key, exc)
+            return Skipped(key, "corrupt_image")
+        return self.processor(turns, [image], [self.boxes.get(key)])
+
+
+class Collate:
+    """Pads the loaded samples of a micro-batch; reports the skipped ones under ``skipped``."""
+
+    def __init__(self, processor: MGLLaVAProcessor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict | Skipped]) -> dict:
+        samples = [item for item in items if not isinstance(item, Skipped)]
+        skipped = [item for item in items if isinstance(item, Skipped)]
+        if not samples:
+            return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "skipped": skipped, "n_tokens": 0}
+        batch = self.processor.collate(samples)
+        batch["skipped"] = skipped
+        batch["n_tokens"] = int(batch["attention_mask"].sum())
+        return batch

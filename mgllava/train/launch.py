@@ -1,0 +1,65 @@
+"""Running a training stage as a job under the ``deepspeed`` launcher.
+
+The resolved configuration is written to ``<stage dir>/config.yaml`` and the job is
+``deepspeed [--num_gpus N | --hostfile FILE] --module mgllava.train --config ...``.
+Multi-node training is the launcher's hostfile (one ``host slots=N`` line per
+node, passwordless ssh between them; see the README). :func:`run_job` streams the
+job's output line by line (to a callback, e.g. a Prefect logger) and raises
+:class:`JobFailed` with the last lines of output when it exits non-zero.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mgllava.config import Config
+from mgllava.train.job import stage_dir
+
+
+class JobFailed(RuntimeError):
+    def __init__(self, returncode: int, tail: list[str]):
+        self.returncode, self.tail = returncode, tail
+        super().__init__(f"training job exited with code {returncode}; last lines:\n" + "\n".join(tail))
+
+
+def launch_command(
+    config: Config,
+    stage: str,
+    run_id: str,
+    num_gpus: int | None = None,
+    hostfile: str | None = None,
+    fresh: bool = False,
+) -> list[str]:
+    """The ``deepspeed`` launcher command line for one stage (the config is written next to it)."""
+    config_path = config.save(stage_dir(config, stage) / "config.yaml")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    command = [launcher]
+    if hostfile:
+        command += ["--hostfile", hostfile]
+    else:
+        command += ["--num_gpus", str(num_gpus or 1)]
+    command += ["--master_addr", "127.0.0.1"] if not hostfile else []
+    command += ["--module", "mgllava.train", "--config", str(config_path), "--stage", stage, "--run-id", run_id]
+    return command + (["--fresh"] if fresh else [])
+
+
+def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int = 40) -> None:
+    """Run ``command``, passing each output line to ``on_line``; raise :class:`JobFailed` on failure."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+    if process.returncode:
+        raise JobFailed(process.returncode, list(tail))

@@ -1,0 +1,71 @@
+"""Shared test set-up: offline everywhere, a private MGLLAVA_HOME, and the tiny world and zoo."""
+
+from __future__ import annotations
+
+import os
+
+# nothing in the tests may try to reach a hub or phone home
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "YOLO_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path_factory, monkeypatch):
+    """Each test sees its own MGLLAVA_HOME, so nothing touches ~/.mgllava."""
+    monkeypatch.setenv("MGLLAVA_HOME", str(tmp_path_factory.mktemp("mgllava_home")))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small shapes world (30 images), generated once per test session."""
+    from mgllava.world import generate_world
+
+    return generate_world(tmp_path_factory.mktemp("tiny") / "world", n_images=30, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_world):
+    """The tiny model zoo built on :func:`tiny_world` at the tiny preset's sizes."""
+    from mgllava.config import load_config
+    from mgllava.zoo import build_zoo
+
+    model = load_config(preset="tiny").model
+    return build_zoo(
+        tiny_world.parent / "zoo",
+        tiny_world,
+        high_res=model.vision.high_res,
+        low_res=model.vision.low_res,
+        max_length=model.max_length,
+    )
+
+
+def tiny_overrides(world, zoo, work_dir) -> list[str]:
+    """``--set`` overrides that point the tiny preset at a test's world, zoo and work directory."""
+    return [
+        f"work_dir={work_dir}",
+        f"data.world_dir={world}",
+        f"data.image_root={world}/images",
+        f"data.pretrain_json={world}/pretrain.json",
+        f"data.finetune_json={world}/instruct.json",
+        f"model.llm.path={zoo}/llm",
+        f"model.vision.clip_path={zoo}/clip",
+        f"model.vision.convnext_path={zoo}/convnext",
+    ]
+
+
+@pytest.fixture
+def tiny_config(tiny_world, tiny_zoo, tmp_path):
+    """The tiny preset on the session's world and zoo, writing under this test's tmp_path."""
+    from mgllava.config import load_config
+
+    return load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path / "work"))
