@@ -59,12 +59,16 @@ def check_stage_inputs(config: Config, stage: str) -> None:
 
 def load_boxes(boxes_dir: str | Path) -> dict:
     """Image key -> :class:`Boxes` from the Parquet box tables; empty (with a warning) if there are none."""
-    if not Path(boxes_dir).exists():
+    from detector.tables import read_box_index
+    from mgllava.model.boxes import Boxes
+
+    if not (Path(boxes_dir) / "boxes").exists():
         log.warning("no box tables at %s: every image gets zero object tokens", boxes_dir)
         return {}
-    from detector.tables import read_box_index
-
-    return read_box_index(boxes_dir)
+    return {
+        key: Boxes([d[:4] for d in detections], [d[5] for d in detections], [d[4] for d in detections])
+        for key, detections in read_box_index(boxes_dir).items()
+    }
 
 
 def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
@@ -76,7 +80,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     from mgllava.model import MGLLaVA, MGLLaVAProcessor
     from mgllava.train.data import Collate, ConversationDataset, load_conversations
     from mgllava.train.engine import run_stage
-    from warehouse import db
+    from warehouse import training as warehouse
 
     check_stage_inputs(config, stage)
     run_id = run_id or new_run_id()
@@ -98,9 +102,9 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     dataset = ConversationDataset(records, config.data.image_root, boxes, processor)
 
     def record_metrics(rows) -> None:
-        db.insert_train_steps(run_id, stage, rows)
+        warehouse.insert_train_steps(run_id, stage, rows)
 
-    db.record_stage_start(run_id, stage, config)
+    warehouse.record_stage_start(run_id, stage, config)
     result = run_stage(
         model,
         dataset,
@@ -132,5 +136,5 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
         "final_loss": result.metrics[-1].loss if result.metrics else None,
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
-    db.record_stage_end(run_id, stage, summary)
+    warehouse.record_stage_end(run_id, stage, summary)
     return summary

@@ -1,0 +1,499 @@
+"""The detection run: plan shards, detect shard by shard, write Parquet, reconcile.
+
+Output directory layout (``out``)::
+
+    manifest.json            inputs, detector identity, settings, shard list, totals, status
+    plan.parquet             image_key, path, shard: the frozen assignment of images to shards
+    boxes/part-00000.parquet one row per usable image (schema: detector/SCHEMA.md)
+    rejects/part-00000.parquet one row per unusable image (key, reason, detail, ...)
+
+Shard assignment is deterministic: the distinct image keys sorted, cut into
+consecutive runs of ``shard_size``. Each shard writes its rejects file, then
+its boxes file, each to a temporary name renamed atomically into place; a
+shard is finished when both files exist and carry this run's fingerprint in
+their Parquet metadata. A killed run restarted with the same inputs and
+detector therefore redoes only unfinished shards, never leaves partial files
+under a ``*.parquet`` name, and never duplicates a row. The run fingerprint
+hashes the schema version, the image keys with their files (path, size,
+mtime), the detector's name, weights hash and parameters, and the shard size;
+a finished run with the same fingerprint is recognised and skipped. An output
+directory holding a different run is refused unless ``overwrite=True``.
+
+One writer per output directory at a time (shards of one run may run in
+parallel, e.g. on Dask workers sharing the file system).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from detector import schema
+from detector.errors import RunConflictError
+from detector.images import LoadedImage, Rejected, load_image
+from detector.inputs import Inputs, collect_inputs
+from detector.model import DetectorSettings, get_detector, params_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "plan.parquet"
+BOXES_DIR = "boxes"
+REJECTS_DIR = "rejects"
+TMP_MARK = ".tmp-"
+
+Progress = Callable[[int, int], None]  # (images done, images total)
+
+
+def shard_file(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- small file helpers
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_manifest(out: str | Path) -> dict | None:
+    path = Path(out) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    _atomic_write_bytes(out / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _remove_stale_temps(out: Path) -> int:
+    removed = 0
+    for sub in (BOXES_DIR, REJECTS_DIR, "."):
+        folder = out / sub
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and TMP_MARK in p.name:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def input_fingerprint(inputs: Inputs) -> str:
+    h = hashlib.sha256()
+    for ref in inputs.images:
+        try:
+            st = os.stat(ref.path)
+            sig = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            sig = "-"
+        h.update(f"{ref.key}\0{ref.path}\0{sig}\n".encode())
+    return h.hexdigest()
+
+
+def run_fingerprint(inputs_fp: str, identity: dict, shard_size: int) -> str:
+    blob = json.dumps(
+        {
+            "schema_version": schema.SCHEMA_VERSION,
+            "inputs": inputs_fp,
+            "detector": identity["name"],
+            "weights_sha256": identity["weights_sha256"],
+            "params": identity["params"],
+            "shard_size": shard_size,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class RunPlan:
+    out: Path
+    fingerprint: str
+    n_images: int
+    n_shards: int
+    pending: list[int]
+    complete: bool
+    manifest: dict
+
+
+def shard_done(out: Path, index: int, fingerprint: str) -> bool:
+    """Both files of the shard exist and belong to the run ``fingerprint``."""
+    for sub in (REJECTS_DIR, BOXES_DIR):
+        path = out / sub / shard_file(index)
+        if not path.is_file():
+            return False
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except Exception:  # unreadable (should not happen with atomic renames): redo it
+            return False
+        if meta.get(schema.META_RUN, b"").decode() != fingerprint:
+            return False
+    return True
+
+
+def prepare_run(
+    sources: list[str | Path],
+    out: str | Path,
+    settings: DetectorSettings,
+    image_root: str | Path | None = None,
+    shard_size: int = 256,
+    overwrite: bool = False,
+) -> RunPlan:
+    """Collect inputs, identify the detector, write plan + manifest (or find the run done)."""
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = collect_inputs(sources, image_root=image_root, materialise_root=out / "images")
+    detector = get_detector(settings)
+    identity = detector.identity()
+    fingerprint = run_fingerprint(input_fingerprint(inputs), identity, shard_size)
+    n_images = len(inputs.images)
+    n_shards = math.ceil(n_images / shard_size)
+
+    old = read_manifest(out)
+    if old is not None and old.get("fingerprint") != fingerprint:
+        if not overwrite:
+            raise RunConflictError(
+                f"{out} already holds a box table of another run (different inputs, detector, parameters or "
+                f"shard size: fingerprint {str(old.get('fingerprint'))[:12]} vs {fingerprint[:12]}); "
+                "give another output directory or overwrite it (--overwrite)"
+            )
+        log.warning("overwriting the box table of another run in %s", out)
+        for sub in (BOXES_DIR, REJECTS_DIR):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / PLAN_FILE).unlink(missing_ok=True)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        old = None
+    stale = _remove_stale_temps(out)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted run", stale)
+    for sub in (BOXES_DIR, REJECTS_DIR):
+        (out / sub).mkdir(exist_ok=True)
+        for p in (out / sub).glob("part-*.parquet"):  # shards beyond this plan cannot belong to it
+            try:
+                index = int(p.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if index >= n_shards:
+                p.unlink()
+
+    pending = [i for i in range(n_shards) if not shard_done(out, i, fingerprint)]
+    if old is not None and old.get("status") == "complete" and not pending:
+        return RunPlan(out, fingerprint, n_images, n_shards, [], True, old)
+
+    if old is None or not (out / PLAN_FILE).is_file():
+        keys = [r.key for r in inputs.images]
+        plan = pa.table(
+            {
+                "image_key": pa.array(keys, pa.string()),
+                "path": pa.array([r.path for r in inputs.images], pa.string()),
+                "shard": pa.array([i // shard_size for i in range(n_images)], pa.int32()),
+            }
+        )
+        _atomic_write_table(plan, out / PLAN_FILE)
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "status": "running",
+        "created_at": (old or {}).get("created_at") or _iso(_now()),
+        "finished_at": None,
+        "inputs": {
+            "sources": [s.to_json() for s in inputs.sources],
+            "references": inputs.references,
+            "distinct_images": n_images,
+            "duplicates": inputs.duplicates,
+            "key_conflicts": inputs.conflicts,
+        },
+        "detector": identity,
+        "settings": settings.to_json(),
+        "shard_size": shard_size,
+        "n_shards": n_shards,
+        "shards": [],
+        "totals": None,
+        "runs": (old or {}).get("runs", []),
+    }
+    _write_manifest(out, manifest)
+    return RunPlan(out, fingerprint, n_images, n_shards, pending, False, manifest)
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def _settings_from_manifest(manifest: dict) -> DetectorSettings:
+    values = dict(manifest["settings"])
+    if values.get("classes") is not None:
+        values["classes"] = tuple(values["classes"])
+    return DetectorSettings(**values)
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _load_batch(batch: list[tuple[str, str]], max_pixels: int) -> list[LoadedImage | Rejected]:
+    return [load_image(key, path, max_pixels) for key, path in batch]
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    images: int
+    rows: int
+    rejects: int
+    boxes: int
+    computed: bool
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _shard_counts(out: Path, index: int) -> tuple[int, int, int]:
+    boxes = pq.read_table(out / BOXES_DIR / shard_file(index), columns=["boxes"])
+    n_boxes = int(pc.sum(pc.list_value_length(boxes["boxes"])).as_py() or 0) if boxes.num_rows else 0
+    n_rejects = pq.read_metadata(out / REJECTS_DIR / shard_file(index)).num_rows
+    return boxes.num_rows, n_rejects, n_boxes
+
+
+def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | None = None) -> ShardResult:
+    """Detect one shard of a prepared run (a no-op if it is already finished)."""
+    out = Path(out).expanduser().resolve()
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST_FILE} in {out}: prepare the run first")
+    fingerprint = manifest["fingerprint"]
+    if shard_done(out, index, fingerprint):
+        rows, rejects, boxes = _shard_counts(out, index)
+        if progress:
+            progress(rows + rejects)
+        return ShardResult(index, rows + rejects, rows, rejects, boxes, computed=False)
+
+    t0 = time.perf_counter()
+    settings = _settings_from_manifest(manifest)
+    plan = pq.read_table(out / PLAN_FILE, filters=[("shard", "=", index)])
+    items = list(zip(plan["image_key"].to_pylist(), plan["path"].to_pylist(), strict=True))
+    detector = get_detector(settings)
+    ident = detector.identity()
+    if ident["weights_sha256"] != manifest["detector"]["weights_sha256"]:
+        raise RunConflictError(
+            f"shard {index}: the detector {settings.model} changed since the run was planned "
+            "(weights hash differs); start the run again"
+        )
+    name, weights, params = ident["name"], ident["weights_sha256"], params_json(ident["params"])
+
+    rows: dict[str, list] = {f.name: [] for f in schema.BOXES_FIELDS}
+    rejects: dict[str, list] = {f.name: [] for f in schema.REJECTS_FIELDS}
+
+    def add_reject(r: Rejected, when: dt.datetime) -> None:
+        for col, val in (
+            ("image_key", r.key), ("reason", r.reason), ("detail", r.detail[:2000]), ("path", r.path),
+            ("detector", name), ("weights_sha256", weights), ("detected_at", when), ("shard", index),
+        ):
+            rejects[col].append(val)
+
+    batches = list(_batches(items, settings.batch))
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect-load") as pool:
+        future = pool.submit(_load_batch, batches[0], settings.max_image_pixels) if batches else None
+        for b in range(len(batches)):
+            loaded = future.result()
+            if b + 1 < len(batches):  # decode the next batch while the model runs on this one
+                future = pool.submit(_load_batch, batches[b + 1], settings.max_image_pixels)
+            good = [x for x in loaded if isinstance(x, LoadedImage)]
+            when = _now()
+            try:
+                preds = detector.predict([x.array for x in good])
+            except Exception as exc:  # isolate the image that breaks the batch
+                log.warning("shard %d: batch failed (%s); retrying image by image", index, exc)
+                preds = []
+                for x in good:
+                    try:
+                        preds.append(detector.predict([x.array])[0])
+                    except Exception as one_exc:
+                        preds.append(one_exc)
+            for x in loaded:
+                if isinstance(x, Rejected):
+                    add_reject(x, when)
+            for x, p in zip(good, preds, strict=True):
+                if isinstance(p, Exception):
+                    add_reject(Rejected(x.key, x.path, "detector_error", f"{type(p).__name__}: {p}"), when)
+                    continue
+                rows["image_key"].append(x.key)
+                rows["width"].append(x.width)
+                rows["height"].append(x.height)
+                rows["sha256"].append(x.sha256)
+                rows["boxes"].append(
+                    [{"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "score": b[4], "label": b[5]} for b in p]
+                )
+                rows["detector"].append(name)
+                rows["weights_sha256"].append(weights)
+                rows["params"].append(params)
+                rows["detected_at"].append(when)
+                rows["shard"].append(index)
+            if progress:
+                progress(len(loaded))
+
+    boxes_table = pa.Table.from_pydict(rows, schema=schema.boxes_schema(fingerprint, index))
+    rejects_table = pa.Table.from_pydict(rejects, schema=schema.rejects_schema(fingerprint, index))
+    # rejects first: the boxes file appearing is what marks the shard finished
+    _atomic_write_table(rejects_table, out / REJECTS_DIR / shard_file(index))
+    _atomic_write_table(boxes_table, out / BOXES_DIR / shard_file(index))
+    n_boxes = sum(len(b) for b in rows["boxes"])
+    seconds = time.perf_counter() - t0
+    return ShardResult(
+        index, len(items), boxes_table.num_rows, rejects_table.num_rows, n_boxes, computed=True, seconds=seconds
+    )
+
+
+# --------------------------------------------------------------------------- finishing
+
+
+def finalize_run(out: str | Path, computed: list[int] | None = None, started_at: str | None = None) -> dict:
+    """Check every shard, reconcile the totals with the plan, mark the manifest complete."""
+    out = Path(out).expanduser().resolve()
+    manifest = read_manifest(out)
+    fingerprint = manifest["fingerprint"]
+    plan_counts = pq.read_table(out / PLAN_FILE, columns=["shard"]).group_by("shard").aggregate([("shard", "count")])
+    expected = dict(zip(plan_counts["shard"].to_pylist(), plan_counts["shard_count"].to_pylist(), strict=True))
+    shards, totals = [], {"images": 0, "rows": 0, "rejects": 0, "boxes": 0}
+    reasons: dict[str, int] = {}
+    for index in range(manifest["n_shards"]):
+        if not shard_done(out, index, fingerprint):
+            raise RuntimeError(f"shard {index} of {out} is not finished; run the detection again to complete it")
+        rows, rejects, boxes = _shard_counts(out, index)
+        if rows + rejects != expected.get(index, 0):
+            raise RuntimeError(
+                f"shard {index}: {rows} rows + {rejects} rejects != {expected.get(index, 0)} planned images"
+            )
+        for reason in pq.read_table(out / REJECTS_DIR / shard_file(index), columns=["reason"])["reason"].to_pylist():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        shards.append(
+            {
+                "index": index,
+                "boxes_file": f"{BOXES_DIR}/{shard_file(index)}",
+                "rejects_file": f"{REJECTS_DIR}/{shard_file(index)}",
+                "images": rows + rejects,
+                "rows": rows,
+                "rejects": rejects,
+                "boxes": boxes,
+            }
+        )
+        totals["images"] += rows + rejects
+        totals["rows"] += rows
+        totals["rejects"] += rejects
+        totals["boxes"] += boxes
+    if totals["images"] != manifest["inputs"]["distinct_images"]:
+        raise RuntimeError(
+            f"totals do not reconcile: {totals['rows']} rows + {totals['rejects']} rejects != "
+            f"{manifest['inputs']['distinct_images']} distinct input images"
+        )
+    totals["reject_reasons"] = dict(sorted(reasons.items()))
+    totals["images_without_boxes"] = sum(
+        int(pc.sum(pc.equal(pc.list_value_length(pq.read_table(out / s["boxes_file"], columns=["boxes"])["boxes"]), 0)).as_py() or 0)
+        for s in shards
+        if s["rows"]
+    )
+    now = _iso(_now())
+    manifest.update(status="complete", finished_at=now, shards=shards, totals=totals)
+    manifest.setdefault("runs", []).append(
+        {"started_at": started_at or now, "finished_at": now, "computed_shards": sorted(computed or [])}
+    )
+    _write_manifest(out, manifest)
+    return manifest
+
+
+@dataclass
+class DetectResult:
+    out: Path
+    manifest: dict
+    skipped: bool
+    computed_shards: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        t = self.manifest["totals"]
+        state = "already complete, skipped" if self.skipped else f"{len(self.computed_shards)} shard(s) computed"
+        return (
+            f"detect: {t['images']} images: {t['rows']} with box rows ({t['boxes']} boxes), "
+            f"{t['rejects']} rejects; {state} -> {self.out}"
+        )
+
+
+def run_detection(
+    sources: list[str | Path],
+    out: str | Path,
+    settings: DetectorSettings,
+    image_root: str | Path | None = None,
+    shard_size: int = 256,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> DetectResult:
+    """Detect boxes on every distinct image of ``sources`` into the box table ``out`` (in-process)."""
+    started = _iso(_now())
+    plan = prepare_run(sources, out, settings, image_root=image_root, shard_size=shard_size, overwrite=overwrite)
+    if plan.complete:
+        log.info("box table %s is already complete for these inputs and detector (run %s): skipped",
+                 plan.out, plan.fingerprint[:12])
+        if progress:
+            progress(plan.n_images, plan.n_images)
+        return DetectResult(plan.out, plan.manifest, skipped=True)
+    done_images = plan.n_images - sum(
+        min(plan.n_images, (i + 1) * shard_size) - i * shard_size for i in plan.pending
+    )
+    if plan.pending != list(range(plan.n_shards)):
+        log.info("resuming run %s: %d of %d shards left", plan.fingerprint[:12], len(plan.pending), plan.n_shards)
+    counter = [done_images]
+    if progress:
+        progress(counter[0], plan.n_images)
+
+    def tick(n: int) -> None:
+        counter[0] += n
+        if progress:
+            progress(counter[0], plan.n_images)
+
+    for k, index in enumerate(plan.pending):
+        res = run_shard(plan.out, index, progress=tick)
+        log.info(
+            "shard %d (%d/%d pending): %d images, %d boxes, %d rejects, %.1f images/s",
+            index, k + 1, len(plan.pending), res.images, res.boxes, res.rejects, res.images / max(res.seconds, 1e-9),
+        )
+    manifest = finalize_run(plan.out, computed=plan.pending, started_at=started)
+    return DetectResult(plan.out, manifest, skipped=False, computed_shards=list(plan.pending))

@@ -1,0 +1,119 @@
+"""Train or fine-tune an Ultralytics YOLO on a YOLO-format dataset, and check its mAP50.
+
+``train_detector`` writes ``<out>/weights/best.pt`` (and ``last.pt``), then
+measures mAP50 of ``best.pt`` on the dataset's held-out split (``test`` when
+``data.yaml`` names one, else ``val``) and records it in
+``<out>/weights/metrics.json``. If mAP50 is below ``min_map50`` it raises
+:class:`DetectorQualityError` (the weights and the JSON, with ``"passed":
+false``, are kept for inspection).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from detector.errors import DetectorError, DetectorQualityError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def _heldout_split(data: Path) -> str:
+    try:
+        spec = yaml.safe_load(data.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise DetectorError(f"cannot read dataset YAML {data}: {exc}") from exc
+    if "val" not in spec and "test" not in spec:
+        raise DetectorError(f"dataset YAML {data} names no 'val' or 'test' split to measure mAP50 on")
+    return "test" if spec.get("test") else "val"
+
+
+def train_detector(
+    data: str | Path,
+    out: str | Path,
+    base: str = "yolo11n.yaml",
+    epochs: int = 15,
+    imgsz: int = 320,
+    batch: int = 16,
+    min_map50: float = 0.6,
+    device: str = "auto",
+    workers: int = 2,
+    seed: int = 0,
+    **train_kwargs,
+) -> dict:
+    """Train ``base`` (a model YAML: from scratch; a ``.pt``: fine-tune) on ``data``; return the metrics."""
+    from ultralytics import YOLO
+
+    from detector.model import file_sha256, resolve_device
+
+    data = Path(data).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    if not data.is_file():
+        raise DetectorError(f"dataset YAML not found: {data}")
+    base_path = Path(base).expanduser()
+    if base_path.suffix.lower() not in (".yaml", ".yml") and not base_path.is_file():
+        raise DetectorError(f"base weights not found: {base} (weights cannot be downloaded here)")
+    split = _heldout_split(data)
+    device = resolve_device(device)
+    if out.exists():  # a fresh run: Ultralytics would otherwise resume or mix old and new files
+        for name in ("weights", "results.csv", "args.yaml"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model = YOLO(str(base_path) if base_path.exists() else base)
+    kwargs = dict(
+        data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
+        project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False, seed=seed,
+        deterministic=True, verbose=False, val=True,
+    )
+    kwargs.update(train_kwargs)
+    model.train(**kwargs)
+    train_seconds = time.perf_counter() - t0
+
+    best = out / "weights" / "best.pt"
+    if not best.is_file():
+        raise DetectorError(f"training finished without writing {best}")
+    metrics = YOLO(str(best)).val(
+        data=str(data), split=split, imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
+        workers=workers, project=str(out), name="val", exist_ok=True,
+    )
+    box = metrics.box
+    result = {
+        "map50": float(box.map50),
+        "map50_95": float(box.map),
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+        "split": split,
+        "min_map50": float(min_map50),
+        "passed": bool(box.map50 >= min_map50),
+        "weights": str(best),
+        "weights_sha256": file_sha256(best),
+        "data": str(data),
+        "base": str(base),
+        "epochs": int(epochs),
+        "imgsz": int(imgsz),
+        "batch": int(batch),
+        "device": device,
+        "train_seconds": round(train_seconds, 1),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (best.parent / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("detector mAP50 on %s = %.3f (min %.2f) -> %s", split, result["map50"], min_map50, best)
+    if not result["passed"]:
+        raise DetectorQualityError(
+            f"detector mAP50 {result['map50']:.3f} on the '{split}' split is below min_map50 {min_map50:.2f}: "
+            f"train longer (--epochs), on more images, or lower detector.train.min_map50 "
+            f"(weights kept at {best}, metrics in {best.parent / METRICS_FILE})",
+            result,
+        )
+    return result
