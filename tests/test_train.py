@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -220,3 +221,36 @@ def test_stage_trains_under_zero2_and_loss_falls(stage_name, tiny_config, monkey
 
         model = MGLLaVA.from_pretrained(summary["export_dir"])
         assert model.generate([None], [None], ["Is there a red circle?"], max_new_tokens=2)
+
+
+def test_launcher_job_failure_raises_with_the_last_lines(tmp_path):
+    from mgllava.train.launch import JobFailed, run_job
+
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nfor i in range(100): print('line', i)\nsys.exit('boom: bad weights')\n")
+    lines = []
+    with pytest.raises(JobFailed) as info:
+        run_job([sys.executable, str(script)], lines.append, tail_lines=5)
+    assert info.value.returncode == 1 and len(lines) == 101
+    assert info.value.tail[-1] == "boom: bad weights" and len(info.value.tail) == 5
+    assert "boom: bad weights" in str(info.value)
+
+
+@pytest.mark.slow
+def test_finetune_flow_fails_cleanly_when_the_job_fails(tiny_config, tmp_path):
+    """The real flow, the real ``deepspeed`` launcher: a job that dies fails the flow with its error."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.train import finetune
+    from mgllava.train.launch import JobFailed
+    from mgllava.train.job import stage_dir
+
+    weights = stage_dir(tiny_config, "pretrain") / "trainable.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not a safetensors file")  # passes the start-up checks, fails inside the job
+    config_file = tiny_config.save(tmp_path / "config.yaml")
+    with prefect_test_harness(server_startup_timeout=180):
+        with pytest.raises(JobFailed) as info:
+            finetune(config_file=str(config_file), run_id="broken")
+    assert info.value.returncode != 0
+    assert any("trainable.safetensors" in line or "SafetensorError" in line for line in info.value.tail)

@@ -1,0 +1,230 @@
+"""Forward + backward time and memory of one MG-LLaVA training step, and object-feature memory.
+
+Measures, on the CPU, with random weights:
+
+1. ``tiny``: the tiny preset (zoo built in a temporary directory from a 24-image shapes world);
+2. ``full vision``: the full-size vision path (CLIP ViT-L/14-336, ConvNeXt-Large-D at 768,
+   fusion 1024/1536, RoIAlign 56 over 2880 channels) with a small Llama as the LLM;
+3. object-feature memory at full size, ``direct`` vs ``lean`` (SPEC section 4): analytically
+   (the bytes of the tensors each method materialises at its peak) and empirically (the peak
+   RSS increase over the call, sampled by a background thread; torch allocations bypass
+   tracemalloc).
+
+A step is one pretrain-stage forward + backward (trainable: fusion, projector, box projector)
+on ``--batch`` samples of one image with ``--boxes`` boxes each. Prints results; writes nothing
+outside a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mgllava.model import MGLLaVA, MGLLaVAProcessor, pool_object_features  # noqa: E402
+
+MiB = 2**20
+
+
+class PeakRSS:
+    """Peak resident-memory increase (bytes) over a ``with`` block, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.process = interval, psutil.Process()
+        self.peak_increase = 0
+
+    def __enter__(self) -> PeakRSS:
+        self.baseline = self.peak = self.process.memory_info().rss
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak_increase = self.peak - self.baseline
+
+
+def build_tiny(root: Path) -> MGLLaVA:
+    from mgllava.config import load_config
+    from mgllava.world import generate_world
+    from mgllava.zoo import build_zoo
+
+    generate_world(root / "world", n_images=24, seed=0, progress=False)
+    build_zoo(root / "zoo", root / "world", 256, 112, 512)
+    return MGLLaVA.from_config(load_config("tiny", overrides=[f"work_dir={root}"]).model)
+
+
+def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
+    """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
+    import open_clip
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from mgllava.model import HighResEncoder, LowResEncoder
+
+    config = tiny.config.model_copy(deep=True)
+    config.vision.high_res, config.vision.low_res, config.roi_output = 768, 336, 56
+    config.max_length = 2048
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        )
+    )
+    trunk = open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk
+    tokenizer = tiny.processor.tokenizer
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=llm_width,
+            intermediate_size=4 * llm_width,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+        )
+    )
+    processor = MGLLaVAProcessor(
+        tokenizer,
+        config.llm.template,
+        768,
+        tiny.processor.image_mean,
+        tiny.processor.image_std,
+        max_text_length=2048 - 576,
+    )
+    return MGLLaVA(config, llm, processor, LowResEncoder(clip, -2), HighResEncoder(trunk))
+
+
+def random_boxes(n: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """n boxes (n, 4) inside a side x side frame, each at least a quarter of the side wide."""
+    xy = torch.rand(n, 2, generator=generator) * side * 0.6
+    wh = (0.25 + torch.rand(n, 2, generator=generator) * 0.15) * side
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def make_batch(model: MGLLaVA, batch_size: int, n_boxes: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    side = model.config.vision.high_res
+    image = Image.new("RGB", (side, side))
+    records = []
+    for _ in range(batch_size):
+        record = model.processor(
+            [("human", "<image>\nDescribe the image."), ("gpt", "A few shapes on a plain background.")],
+            [image],
+        )
+        record["pixel_values"] = torch.randn(1, 3, side, side, generator=generator)
+        record["boxes"] = [random_boxes(n_boxes, side, generator)]
+        records.append(record)
+    return model.processor.collate(records)
+
+
+def time_step(model: MGLLaVA, batch: dict, reps: int) -> tuple[float, int]:
+    """Median seconds per sample of forward + backward, and the peak RSS increase of one step."""
+    model.set_stage("pretrain")
+    model.train()
+    times, peak = [], 0
+    for _ in range(reps + 1):  # the first step warms up
+        model.zero_grad(set_to_none=True)
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            times.append(time.perf_counter() - start)
+        peak = max(peak, memory.peak_increase)
+    per_sample = sorted(times[1:])[len(times[1:]) // 2] / len(batch["input_ids"])
+    return per_sample, peak // len(batch["input_ids"])
+
+
+def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
+    side, roi = model.config.vision.high_res, model.config.roi_output
+    pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    boxes = [random_boxes(n_boxes, side, torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        stage_maps = model.high_res_encoder(pixel_values)
+    channels = [m.shape[1] for m in stage_maps]
+    stage1 = stage_maps[0].shape[-1]
+    bytes_per = stage_maps[0].element_size()
+    # direct: stages 2-4 resized to the stage-1 grid (C_total - C_1 channels) coexist with their
+    # concatenation (C_total), then the concatenation with the (K, C_total, R, R) RoIAlign output
+    c_total, c_rest = sum(channels), sum(channels[1:])
+    direct_bytes = bytes_per * max(
+        (c_rest + c_total) * stage1**2, c_total * stage1**2 + n_boxes * c_total * roi**2
+    )
+    # lean: one stage's (K, C_s, R, R) RoIAlign output at a time
+    lean_bytes = bytes_per * n_boxes * max(channels) * roi**2
+    measured = {}
+    for method in ("lean", "direct", "lean", "direct")[: 2 * max(1, min(reps, 2))]:
+        with torch.no_grad(), PeakRSS() as memory:
+            pool_object_features(stage_maps, boxes, side, roi, method)
+        measured[method] = max(measured.get(method, 0), memory.peak_increase)
+    print(f"\nobject features at {side}px, {n_boxes} boxes, channels {channels}, RoIAlign {roi}x{roi}:")
+    print(
+        f"  analytic peak  direct {direct_bytes / MiB:8.1f} MiB   lean {lean_bytes / MiB:8.1f} MiB   "
+        f"ratio direct/lean {direct_bytes / lean_bytes:5.1f}x"
+    )
+    print(
+        f"  measured RSS   direct {measured['direct'] / MiB:8.1f} MiB   lean {measured['lean'] / MiB:8.1f} MiB   "
+        f"ratio direct/lean {measured['direct'] / max(measured['lean'], 1):5.1f}x"
+    )
+
+
+def report(name: str, model: MGLLaVA, batch: dict, reps: int) -> None:
+    seconds, peak = time_step(model, batch, reps)
+    tokens = model.prepare_inputs(**batch).attention_mask.sum(1).tolist()
+    print(
+        f"{name:<12} forward+backward {seconds:7.2f} s/sample   peak RSS increase {peak / MiB:8.1f} MiB/sample   "
+        f"sequence lengths {tokens}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--reps", type=int, default=1, help="timed steps after one warm-up step (default 1)")
+    parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
+    parser.add_argument("--boxes", type=int, default=3, help="boxes per image (default 3)")
+    parser.add_argument(
+        "--llm-width", type=int, default=256, help="hidden size of the small LLM at full size"
+    )
+    parser.add_argument("--skip-full", action="store_true", help="only the tiny preset")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = build_tiny(Path(tmp))
+        report("tiny", tiny, make_batch(tiny, args.batch, args.boxes), args.reps)
+        print(tiny.trainable_summary())
+        if not args.skip_full:
+            full = build_full_vision(tiny, args.llm_width)
+            report("full vision", full, make_batch(full, args.batch, args.boxes), args.reps)
+            print(full.trainable_summary())
+            object_feature_memory(full, args.boxes, args.reps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Detector boxes on the model side: filtering and mapping into the high-res frame.
+
+Boxes arrive as an offline detector wrote them (SPEC section 4): ``(x1, y1, x2, y2)``
+in original-image pixels, a category name and a score per box. Before RoIAlign
+they go through one pipeline, :func:`prepare_boxes`, used by the processor (in
+DataLoader workers) and by ``MGLLaVA.generate`` alike:
+
+1. class-aware NMS at IoU ``nms_iou`` (``torchvision.ops.batched_nms``);
+2. if more than ``cap_threshold`` boxes remain, the ``per_category`` highest-scoring
+   boxes of each category;
+3. the pad-and-scale mapping of :func:`mgllava.model.vision.pad_to_square` into the
+   ``frame x frame`` high-res input: add the centring offset, scale by ``frame / side``;
+4. clipping to the frame and dropping boxes left with zero width or height.
+
+The order of the surviving boxes is by decreasing score (stable for ties).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.functional import one_hot
+from torchvision.ops import batched_nms
+
+
+@dataclass
+class Boxes:
+    """Detections for one image, in original-image pixels."""
+
+    xyxy: torch.Tensor  # (K, 4) float: x1, y1, x2, y2
+    labels: list[str] = field(default_factory=list)  # K category names
+    scores: torch.Tensor | None = None  # (K,) float; None means all 1.0
+
+    def __post_init__(self) -> None:
+        self.xyxy = torch.as_tensor(self.xyxy, dtype=torch.float32).reshape(-1, 4)
+        if not self.labels:
+            self.labels = ["object"] * len(self.xyxy)
+        self.scores = (
+            torch.ones(len(self.xyxy))
+            if self.scores is None
+            else torch.as_tensor(self.scores, dtype=torch.float32).reshape(-1)
+        )
+        if not len(self.xyxy) == len(self.labels) == len(self.scores):
+            raise ValueError(
+                f"Boxes: {len(self.xyxy)} boxes, {len(self.labels)} labels and {len(self.scores)} scores"
+            )
+
+    def __len__(self) -> int:
+        return len(self.xyxy)
+
+    def select(self, index: torch.Tensor) -> Boxes:
+        """The boxes at ``index`` (a 1-D index tensor), in that order."""
+        index = index.reshape(-1)
+        return Boxes(self.xyxy[index], [self.labels[i] for i in index.tolist()], self.scores[index])
+
+    @classmethod
+    def empty(cls) -> Boxes:
+        return cls(torch.zeros(0, 4))
+
+
+def square_padding(width: int, height: int) -> tuple[int, int, int]:
+    """``(side, left, top)`` of the centred square padding of a ``width x height`` image."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def filter_boxes(boxes: Boxes, nms_iou: float, cap_threshold: int, per_category: int) -> Boxes:
+    """Class-aware NMS, then the per-category cap when more than ``cap_threshold`` boxes remain."""
+    if len(boxes) == 0:
+        return boxes
+    names = sorted(set(boxes.labels))
+    category = torch.tensor([names.index(label) for label in boxes.labels])  # (K,)
+    keep = batched_nms(boxes.xyxy, boxes.scores, category, nms_iou)  # (K',) by decreasing score
+    if len(keep) > cap_threshold:
+        kept_category = one_hot(category[keep])  # (K', n_categories), rows by decreasing score
+        rank_in_category = (kept_category.cumsum(0) * kept_category).sum(1) - 1  # (K',) 0 = best
+        keep = keep[rank_in_category < per_category]
+    return boxes.select(keep)
+
+
+def map_boxes_to_frame(xyxy: torch.Tensor, width: int, height: int, frame: int) -> torch.Tensor:
+    """Map (K, 4) original-pixel boxes into the padded, resized ``frame x frame`` input.
+
+    Returns the clipped (K', 4) boxes with positive width and height (empty ones dropped).
+    """
+    side, left, top = square_padding(width, height)
+    offset = torch.tensor([left, top, left, top], dtype=xyxy.dtype)
+    mapped = ((xyxy + offset) * (frame / side)).clamp(0, frame)  # (K, 4)
+    non_empty = (mapped[:, 2] > mapped[:, 0]) & (mapped[:, 3] > mapped[:, 1])
+    return mapped[non_empty]
+
+
+def prepare_boxes(
+    boxes: Boxes | None,
+    width: int,
+    height: int,
+    frame: int,
+    nms_iou: float,
+    cap_threshold: int,
+    per_category: int,
+) -> torch.Tensor:
+    """Filter then map one image's detections: (K, 4) float boxes in the high-res frame (K may be 0)."""
+    if boxes is None or len(boxes) == 0:
+        return torch.zeros(0, 4)
+    kept = filter_boxes(boxes, nms_iou, cap_threshold, per_category)
+    return map_boxes_to_frame(kept.xyxy, width, height, frame)

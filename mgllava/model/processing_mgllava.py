@@ -1,0 +1,183 @@
+"""Turning (image, boxes, conversation) records into model inputs, in the spirit of HF processors.
+
+Picklable and free of model weights, so a training DataLoader can run it in its
+worker processes:
+
+- :meth:`MGLLaVAProcessor.process_image`: PIL image + raw detections ->
+  ``pixel_values`` (3, high_res, high_res) and boxes (K, 4) in the high-res frame
+  (filtering and mapping in :mod:`mgllava.model.boxes`);
+- :meth:`MGLLaVAProcessor.tokenize_conversation`: LLaVA turns + chat template ->
+  ``input_ids`` and ``labels`` (T,), tokenised segment by segment with the loss
+  only on trainable (assistant) segments, BOS first when the tokenizer has one,
+  ``<image>`` -> ``IMAGE_TOKEN_INDEX``, truncated to ``max_text_length``;
+- :meth:`MGLLaVAProcessor.__call__`: both, for one record;
+- :meth:`MGLLaVAProcessor.collate`: a batch, padded with the pad id (labels -100).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from mgllava.config import ModelConfig
+from mgllava.model.boxes import Boxes, prepare_boxes
+from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgllava.model.vision import image_to_pixel_values, load_image_normalisation
+from mgllava.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template
+
+
+class MGLLaVAProcessor:
+    def __init__(
+        self,
+        tokenizer,
+        template: ChatTemplate | str,
+        high_res: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        max_text_length: int,
+        nms_iou: float = 0.2,
+        box_cap_threshold: int = 100,
+        boxes_per_category: int = 20,
+    ):
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.high_res = high_res
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.max_text_length = max_text_length
+        self.nms_iou = nms_iou
+        self.box_cap_threshold = box_cap_threshold
+        self.boxes_per_category = boxes_per_category
+        self.pad_token_id: int = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, tokenizer=None) -> MGLLaVAProcessor:
+        """Tokenizer from ``llm.path``, normalisation from the CLIP directory; text budget =
+        ``max_length`` minus the image tokens (e.g. 2048 - 576 = 1472)."""
+        from transformers import AutoTokenizer, CLIPVisionConfig
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.llm.path)
+        clip = CLIPVisionConfig.from_pretrained(config.vision.clip_path)
+        n_image_tokens = (clip.image_size // clip.patch_size) ** 2
+        mean, std = load_image_normalisation(config.vision.clip_path)
+        return cls(
+            tokenizer,
+            config.llm.template,
+            high_res=config.vision.high_res,
+            image_mean=mean,
+            image_std=std,
+            max_text_length=config.max_length - n_image_tokens,
+            nms_iou=config.nms_iou,
+            box_cap_threshold=config.box_cap_threshold,
+            boxes_per_category=config.boxes_per_category,
+        )
+
+    # ------------------------------------------------------------------ images
+
+    def process_image(
+        self, image: Image.Image, boxes: Boxes | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ``pixel_values`` (3, high_res, high_res), boxes (K, 4) float in the high-res frame."""
+        pixel_values = image_to_pixel_values(image, self.high_res, self.image_mean, self.image_std)
+        mapped = prepare_boxes(
+            boxes,
+            image.width,
+            image.height,
+            self.high_res,
+            self.nms_iou,
+            self.box_cap_threshold,
+            self.boxes_per_category,
+        )
+        return pixel_values, mapped
+
+    # ------------------------------------------------------------------ text
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with ``<image>`` -> ``IMAGE_TOKEN_INDEX``, no special tokens added."""
+        ids: list[int] = []
+        for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if index:
+                ids.append(IMAGE_TOKEN_INDEX)
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def tokenize_conversation(
+        self, turns: list[tuple[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[(role, text), ...]`` -> ``input_ids``, ``labels`` (T,) long; labels -100 off the
+        trainable segments. With ``add_generation_prompt`` the text ends with the assistant prefix."""
+        bos = self.tokenizer.bos_token_id
+        input_ids = [bos] if bos is not None else []
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for segment in self.template.render(turns, add_generation_prompt=add_generation_prompt):
+            ids = self._encode(segment.text)
+            input_ids += ids
+            labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
+        input_ids, labels = input_ids[: self.max_text_length], labels[: self.max_text_length]
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+    def generation_prompt(self, question: str, with_image: bool) -> torch.Tensor:
+        """``input_ids`` (T,) of a one-question chat, ``<image>\\n`` first when there is an image."""
+        text = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
+        input_ids, _ = self.tokenize_conversation([("human", text)], add_generation_prompt=True)
+        return input_ids
+
+    # ------------------------------------------------------------------ records and batches
+
+    def __call__(
+        self,
+        turns: list[tuple[str, str]],
+        images: list[Image.Image] | None = None,
+        boxes: list[Boxes | None] | None = None,
+    ) -> dict:
+        """One training record -> ``input_ids``, ``labels`` (T,), ``pixel_values`` (n_images, 3, H, H),
+        ``boxes`` (n_images tensors (K_i, 4)). ``turns`` must hold one ``<image>`` per image."""
+        images = images or []
+        boxes = boxes if boxes is not None else [None] * len(images)
+        n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+        if n_placeholders != len(images) or len(boxes) != len(images):
+            raise ValueError(
+                f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(images)} images, {len(boxes)} box sets"
+            )
+        input_ids, labels = self.tokenize_conversation(turns)
+        if (input_ids == IMAGE_TOKEN_INDEX).sum() != len(images):
+            raise ValueError(f"text truncated to {self.max_text_length} tokens cut off an image placeholder")
+        processed = [self.process_image(image, image_boxes) for image, image_boxes in zip(images, boxes)]
+        pixel_values = (
+            torch.stack([p for p, _ in processed])
+            if processed
+            else torch.zeros(0, 3, self.high_res, self.high_res)
+        )
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "boxes": [b for _, b in processed],
+        }
+
+    def collate(self, samples: list[dict], padding_side: Literal["right", "left"] = "right") -> dict:
+        """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T);
+        ``pixel_values`` (sum n_images, 3, H, H) or None; ``boxes``: one (K_i, 4) tensor per image."""
+        length = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[row, span] = sample["input_ids"]
+            attention_mask[row, span] = 1
+            if "labels" in sample:
+                labels[row, span] = sample["labels"]
+        pixel_values = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+            "boxes": [b for s in samples for b in s["boxes"]],
+        }

@@ -1,0 +1,117 @@
+"""The two frozen image encoders and the image preprocessing they share (SPEC section 2).
+
+One image becomes one high-res tensor; the low-res input is derived from it:
+
+- pad to a square with the CLIP mean colour, the image centred
+  (:func:`pad_to_square`, the geometry of :func:`mgllava.model.boxes.square_padding`);
+- resize to ``high_res`` (bicubic, as ``CLIPImageProcessor``), CLIP mean/std
+  normalisation: ``pixel_values`` (3, high_res, high_res);
+- low-res input: a bilinear (``align_corners=False``) downsample of that
+  normalised tensor to ``low_res`` (:func:`downsample`, done on the batch in the model).
+
+Encoders:
+
+- :class:`LowResEncoder`: a transformers ``CLIPVisionModel``; the hidden states of
+  layer ``select_layer`` (-2: the penultimate) without the CLS token,
+  (B, N, d) with N = (low_res / patch)^2;
+- :class:`HighResEncoder`: the timm ConvNeXt trunk of an open_clip model
+  (``model.visual.trunk``); the outputs of its four stages, at strides 4/8/16/32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mgllava.model.boxes import square_padding
+
+OPEN_CLIP_LOCAL_DIR = "local-dir:"
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre ``image`` on a square canvas of colour ``fill`` (RGB 0-255)."""
+    image = image.convert("RGB")
+    side, left, top = square_padding(*image.size)
+    if image.width == image.height:
+        return image
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+def image_to_pixel_values(
+    image: Image.Image, high_res: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """Pad, resize and normalise one image: (3, high_res, high_res) float32."""
+    fill = tuple(round(255 * m) for m in mean)
+    square = pad_to_square(image, fill).resize((high_res, high_res), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(high_res, high_res, 3).permute(2, 0, 1).float() / 255  # (3, H, H) in [0, 1]
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def downsample(pixel_values: torch.Tensor, low_res: int) -> torch.Tensor:
+    """(B, 3, H, H) -> (B, 3, low_res, low_res), bilinear, ``align_corners=False``."""
+    return F.interpolate(pixel_values, size=(low_res, low_res), mode="bilinear", align_corners=False)
+
+
+class LowResEncoder(nn.Module):
+    """CLIP ViT tokens of one hidden layer, CLS dropped."""
+
+    def __init__(self, clip, select_layer: int = -2):
+        super().__init__()
+        self.clip = clip  # transformers CLIPVisionModel
+        self.select_layer = select_layer
+        config = clip.config
+        self.hidden_size: int = config.hidden_size
+        self.grid: int = config.image_size // config.patch_size  # tokens per side
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, low_res, low_res) -> (B, grid*grid, hidden_size)."""
+        outputs = self.clip(pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.select_layer][:, 1:]
+
+
+class HighResEncoder(nn.Module):
+    """The four stage maps of a timm ConvNeXt trunk."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk  # timm ConvNeXt (open_clip ``model.visual.trunk``)
+        self.stage_channels: list[int] = [info["num_chs"] for info in trunk.feature_info[-4:]]
+        self.stage_strides: list[int] = [info["reduction"] for info in trunk.feature_info[-4:]]
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, H) -> [(B, C_s, H / stride_s, H / stride_s) for the 4 stages]."""
+        return self.trunk.forward_intermediates(pixel_values, intermediates_only=True)
+
+
+def load_low_res_encoder(clip_path: str | Path, select_layer: int) -> LowResEncoder:
+    """A ``CLIPVisionModel`` from a local Hugging Face directory (vision part of a full CLIP too)."""
+    from transformers import CLIPVisionModel
+
+    return LowResEncoder(CLIPVisionModel.from_pretrained(str(clip_path)), select_layer)
+
+
+def load_high_res_encoder(convnext_path: str | Path) -> HighResEncoder:
+    """The ConvNeXt trunk of an open_clip checkpoint directory (``open_clip_config.json`` + weights).
+
+    open_clip loads the weights with safetensors or ``torch.load(weights_only=True)``;
+    the text tower is built, loaded and then dropped.
+    """
+    import open_clip
+
+    model = open_clip.create_model(OPEN_CLIP_LOCAL_DIR + str(convnext_path), pretrained=None)
+    return HighResEncoder(model.visual.trunk)
+
+
+def load_image_normalisation(clip_path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` from the CLIP directory's ``CLIPImageProcessor``."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor.from_pretrained(str(clip_path))
+    return tuple(processor.image_mean), tuple(processor.image_std)
