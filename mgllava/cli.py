@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES = (
     "mgllava.zoo",
     "detector.cli",
     "mgllava.train.cli",
+    "mgllava.eval.cli",
+    "mgllava.services",
     "mgllava.config_cli",
 )
 

@@ -93,6 +93,69 @@ TABLES: list[str] = [
         logged_at TIMESTAMPTZ,
         PRIMARY KEY (run_id, stage, step)
     )""",
+    # one row per evaluation run (mgllava evaluate / flow evaluate) of one checkpoint
+    """CREATE TABLE IF NOT EXISTS eval_runs (
+        run_id VARCHAR PRIMARY KEY,
+        checkpoint VARCHAR NOT NULL,
+        preset VARCHAR,
+        config JSON,
+        tasks JSON,
+        eval_limit BIGINT,
+        batch_size BIGINT,
+        max_new_tokens BIGINT,
+        boxes_dir VARCHAR,
+        detector VARCHAR,
+        status VARCHAR NOT NULL,
+        started_at TIMESTAMPTZ,
+        finished_at TIMESTAMPTZ,
+        n_completed BIGINT,
+        n_failed BIGINT,
+        n_skipped BIGINT
+    )""",
+    # the latest outcome of each (checkpoint, task): completed, failed or skipped, with the reason
+    """CREATE TABLE IF NOT EXISTS eval_tasks (
+        checkpoint VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        lmms_task VARCHAR,
+        status VARCHAR NOT NULL,
+        reason VARCHAR,
+        data_dir VARCHAR,
+        n BIGINT,
+        seconds DOUBLE,
+        generate_seconds DOUBLE,
+        samples_per_s DOUBLE,
+        box_origins JSON,
+        evaluated_at TIMESTAMPTZ,
+        PRIMARY KEY (checkpoint, task)
+    )""",
+    # one row per metric of a completed (checkpoint, task); re-evaluation replaces them
+    """CREATE TABLE IF NOT EXISTS scores (
+        run_id VARCHAR NOT NULL,
+        checkpoint VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        n BIGINT,
+        evaluated_at TIMESTAMPTZ,
+        PRIMARY KEY (checkpoint, task, metric)
+    )""",
+    # one row per evaluated sample: what was asked, expected, answered, and how it scored
+    """CREATE TABLE IF NOT EXISTS predictions (
+        run_id VARCHAR NOT NULL,
+        checkpoint VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        doc_id BIGINT NOT NULL,
+        question VARCHAR,
+        prompt VARCHAR,
+        target VARCHAR,
+        prediction VARCHAR,
+        score DOUBLE,
+        correct BOOLEAN,
+        n_boxes BIGINT,
+        box_origin VARCHAR,
+        PRIMARY KEY (checkpoint, task, doc_id)
+    )""",
 ]
 
 WAREHOUSE_SCHEMA_VERSION = "1"

@@ -45,10 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     check_stage_inputs(config, args.stage)
     run_id = args.run_id or new_run_id()
     if args.launcher:
-        from mgllava.train.launch import launch_command, run_job
+        from mgllava.train.launch import run_stage_job
 
-        command = launch_command(config, args.stage, run_id, args.num_gpus, args.hostfile, args.fresh)
-        run_job(command, on_line=print)
+        summary = run_stage_job(config, args.stage, run_id, print, args.num_gpus, args.hostfile, args.fresh)
+        print(json.dumps(summary, indent=2))
         return 0
     summary = train(config, args.stage, run_id=run_id, fresh=args.fresh, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mgllava.train`` (what the ``deepspeed`` launcher runs per rank)."""
     from mgllava.cli import add_config_args, config_from_args
     from mgllava.train.job import train
+    from mgllava.train.launch import RESULT_PREFIX
 
     parser = argparse.ArgumentParser(prog="python -m mgllava.train", description=__doc__)
     add_config_args(parser)
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = train(config_from_args(args), args.stage, run_id=args.run_id, fresh=args.fresh,
-                    progress=not args.no_progress)
+    config = config_from_args(args)
+    summary = train(config, args.stage, run_id=args.run_id, fresh=args.fresh, progress=not args.no_progress)
     if summary:
-        print("MGLLAVA_STAGE_RESULT " + json.dumps(summary))
+        print(RESULT_PREFIX + json.dumps(summary))
     return 0
 
 

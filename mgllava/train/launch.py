@@ -11,6 +11,7 @@ job's output line by line (to a callback, e.g. a Prefect logger) and raises
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mgllava.config import Config
-from mgllava.train.job import stage_dir
+from mgllava.train.job import check_stage_inputs, stage_dir
+
+RESULT_PREFIX = "MGLLAVA_STAGE_RESULT "  # the job prints its result on one line behind this
 
 
 class JobFailed(RuntimeError):
@@ -63,3 +66,29 @@ def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int 
             on_line(line)
     if process.returncode:
         raise JobFailed(process.returncode, list(tail))
+
+
+def run_stage_job(
+    config: Config,
+    stage: str,
+    run_id: str,
+    on_line: Callable[[str], None],
+    num_gpus: int | None = None,
+    hostfile: str | None = None,
+    fresh: bool = False,
+) -> dict:
+    """Check the stage's inputs, launch it under ``deepspeed``, stream its output; return its result."""
+    check_stage_inputs(config, stage)
+    command = launch_command(config, stage, run_id, num_gpus, hostfile, fresh)
+    on_line("launching: " + " ".join(command))
+    result: dict = {}
+
+    def forward(line: str) -> None:
+        nonlocal result
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line.removeprefix(RESULT_PREFIX))
+        elif line.strip():
+            on_line(line)
+
+    run_job(command, forward)
+    return result

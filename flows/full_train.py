@@ -1,0 +1,165 @@
+"""Prefect flow ``mgllava`` (deployment ``full-train``): the whole recipe, end to end.
+
+world + tiny zoo (embedded default) -> detector (trained on the shapes world when no
+weights are given) -> detect -> pretrain -> finetune -> evaluate, then artifacts: the
+score table, the box-table summary, the loss curves and links to the checkpoints.
+
+Wiring only; every stage is a function of :mod:`mgllava.pipeline`, :mod:`detector`,
+:mod:`mgllava.train` or :mod:`mgllava.eval`. Expensive stages are Prefect tasks
+cached on content keys (:mod:`mgllava.pipeline`): a re-run with the same inputs
+shows them ``Cached`` and logs it; ``force=True`` recomputes. Training stages
+retry once and resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.detect import detect_flow
+from flows.evaluate import evaluate
+from mgllava.config import Config, load_config
+from mgllava.pipeline import (
+    detect_sources,
+    detector_train_key,
+    evaluate_key,
+    needs_detector_training,
+    prepare_world_and_zoo,
+    reset_stage,
+    train_key,
+)
+
+
+def _by_key(context, parameters) -> str:
+    return parameters["key"]
+
+
+@task(name="world-and-zoo", cache_policy=NO_CACHE)  # both are idempotent on disk and log when they skip
+def world_and_zoo(config: Config) -> dict:
+    return prepare_world_and_zoo(config)
+
+
+@task(name="train-detector", cache_key_fn=_by_key, persist_result=True)
+def train_detector(config: Config, key: str) -> dict:
+    from mgllava.pipeline import train_detector as train
+
+    metrics = train(config)
+    get_run_logger().info("detector mAP50 %.3f on held-out images -> %s", metrics["map50"], metrics["weights"])
+    return metrics
+
+
+@task(name="train-{stage}", task_run_name="train-{stage}", cache_key_fn=_by_key, persist_result=True, retries=1)
+def train_stage(config: Config, stage: str, run_id: str, key: str) -> dict:
+    from mgllava.train.launch import run_stage_job
+
+    return run_stage_job(config, stage, run_id, get_run_logger().info)
+
+
+@task(name="evaluate-model", cache_key_fn=_by_key, persist_result=True)
+def evaluate_model(config_file: str, model_dir: str, key: str) -> list[dict]:
+    return evaluate(model_dir=model_dir, config_file=config_file)
+
+
+def _cached(logger, name: str, future_state) -> None:
+    if future_state.name == "Cached":
+        logger.info("%s: inputs unchanged, reused the cached result (force=True recomputes)", name)
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(config: Config, box_manifest: dict, stages: dict, scores: list[dict]) -> None:
+    from warehouse.db import connect
+
+    totals = box_manifest.get("totals", {})
+    create_markdown_artifact(
+        key="box-table",
+        markdown=(
+            f"### Box table\n\n`{config.data.boxes_dir}`\n\n| images | rows | boxes | rejects |\n|---|---|---|---|\n"
+            f"| {totals.get('images')} | {totals.get('rows')} | {totals.get('boxes')} | {totals.get('rejects')} |"
+        ),
+        description="Offline detection summary",
+    )
+    lines = ["| task | metric | value | n | status |", "|---|---|---|---|---|"]
+    for row in scores:
+        value = row.get("value")
+        lines.append(
+            f"| {row.get('task')} | {row.get('metric')} | {value if value is None else f'{value:.4f}'} "
+            f"| {row.get('n')} | {row.get('status')} |"
+        )
+    create_markdown_artifact(key="scores", markdown="### Scores\n\n" + "\n".join(lines), description="Benchmarks")
+    run_ids = sorted({s["run_id"] for s in stages.values() if s.get("run_id")})
+    with connect(read_only=False) as con:
+        curve = con.execute(
+            "SELECT stage, step, loss, lr FROM train_steps WHERE run_id IN (SELECT unnest(?)) ORDER BY stage DESC, step",
+            [run_ids],
+        ).fetchall()
+    create_table_artifact(
+        key="loss-curve",
+        table=[{"stage": s, "step": n, "loss": round(loss, 5), "lr": lr} for s, n, loss, lr in curve],
+        description="Training loss per optimizer step (SELECT stage, step, loss FROM train_steps ...)",
+    )
+    for stage, summary in stages.items():
+        target = summary.get("export_dir") or summary.get("trainable_weights")
+        if target:
+            create_link_artifact(key=f"{stage}-checkpoint", link=Path(target).as_uri(), link_text=target,
+                                 description=f"{stage} output")
+
+
+@flow(name="mgllava", flow_run_name="full-train-{preset}", log_prints=True)
+def full_train(
+    preset: str | None = "tiny",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    benchmarks: list[str] | None = None,
+    work_dir: str | None = None,
+    force: bool = False,
+) -> list[dict]:
+    """Train and evaluate MG-LLaVA end to end; returns the score table (also in DuckDB).
+
+    ``preset``/``config_file`` pick the configuration, ``overrides`` are ``--set`` style
+    ``key=value`` strings, ``benchmarks`` replaces ``eval.tasks``, ``work_dir`` moves every
+    output, and ``force`` recomputes cached stages.
+    """
+    from mgllava.train.job import new_run_id
+
+    logger = get_run_logger()
+    extra = list(overrides or [])
+    if work_dir:
+        extra.append(f"work_dir={work_dir}")
+    if benchmarks:
+        extra.append("eval.tasks=[" + ",".join(benchmarks) + "]")
+    config = load_config(preset=None if config_file else preset, path=config_file, overrides=extra)
+    config_path = str(config.save(Path(config.work_dir) / "config.yaml"))
+    logger.info("configuration %s, work dir %s", config.preset, config.work_dir)
+    refresh = {"refresh_cache": True} if force else {}
+
+    world_and_zoo(config)
+    if needs_detector_training(config):
+        state = train_detector.with_options(**refresh)(config, key=detector_train_key(config), return_state=True)
+        _cached(logger, "train-detector", state)
+        config.detector.model = state.result()["weights"]
+    from detector.model import DetectorSettings
+
+    settings = DetectorSettings.from_config(config.detector).to_json()
+    box_manifest = detect_flow(sources=detect_sources(config), out=config.data.boxes_dir, settings=settings,
+                               image_root=config.data.image_root, overwrite=True)  # a new detector redoes it
+    run_id = new_run_id()
+    stages = {}
+    for stage in ("pretrain", "finetune"):
+        if force:
+            reset_stage(config, stage)  # a forced stage starts over; a retried one resumes
+        state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_key(config, stage),
+                                                    return_state=True)
+        _cached(logger, f"train-{stage}", state)
+        stages[stage] = state.result()
+    model_dir = stages["finetune"]["export_dir"]
+    state = evaluate_model.with_options(**refresh)(config_path, model_dir, key=evaluate_key(config, model_dir),
+                                                   return_state=True)
+    _cached(logger, "evaluate", state)
+    scores = state.result()
+    publish_artifacts(config, box_manifest, stages, scores)
+    logger.info("done at %s: %d score rows", dt.datetime.now().isoformat(timespec="seconds"), len(scores))
+    return scores

@@ -1,0 +1,62 @@
+"""``mgllava chat``: detect objects in one image, show the boxes, answer questions about it.
+
+The detector (the configuration's, or given weights / a model YAML) runs once on the
+image; its boxes, in original-image pixels, are printed and passed to
+``MGLLaVA.generate`` with every question (the model applies its own NMS and per-category
+cap, as in training). ``MGLLaVA.generate`` answers one question at a time with no chat
+history, so an interactive session asks any number of questions about the same image,
+each answered on its own, with the model and boxes loaded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mgllava.eval.boxes import Detection, to_boxes
+
+EXIT_WORDS = ("exit", "quit")
+
+
+def format_boxes(detections: list[Detection], detector_name: str = "") -> str:
+    head = f"{len(detections)} box{'es' if len(detections) != 1 else ''}" + (
+        f" from {detector_name}" if detector_name else "")
+    lines = [head + (":" if detections else "")]
+    lines += [f"  {label:<12} {score:.2f}  [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}]"
+              for x1, y1, x2, y2, score, label in detections]
+    return "\n".join(lines)
+
+
+class ChatSession:
+    """One image, its detections and the model, ready to answer questions."""
+
+    def __init__(self, model_dir: str | Path, image_path: str | Path, detector_settings,
+                 max_new_tokens: int = 64, device: str | None = None):
+        from detector.model import get_detector
+        from mgllava.eval.lmms_model import load_model
+
+        self.image = Image.open(image_path).convert("RGB")
+        detector = get_detector(detector_settings)
+        self.detector_name = detector.name
+        self.detections = detector.predict([np.asarray(self.image)[:, :, ::-1].copy()])[0]
+        self.model = load_model(model_dir, device)
+        self.max_new_tokens = max_new_tokens
+
+    def describe_boxes(self) -> str:
+        return format_boxes(self.detections, self.detector_name)
+
+    def ask(self, question: str) -> str:
+        return self.model.generate([self.image], [to_boxes(self.detections)], [question],
+                                   max_new_tokens=self.max_new_tokens)[0]
+
+    def interact(self, lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+        """``(question, answer)`` for each non-empty line until EOF or ``exit``/``quit``."""
+        for line in lines:
+            question = line.strip()
+            if question.lower() in EXIT_WORDS:
+                return
+            if question:
+                yield question, self.ask(question)

@@ -1,0 +1,155 @@
+"""``mgllava evaluate``, ``mgllava results`` and ``mgllava chat`` (registered by :func:`register_cli`).
+
+- ``evaluate --model DIR [--tasks pope,mmbench] [--max-workers N]``: the Prefect flow
+  ``evaluate``; prints the score table.
+- ``results [--checkpoint DIR] [--task NAME]``: the score table from the warehouse;
+  ``results --sql "SELECT ..."``: any query, on a read-only connection (writes are refused).
+- ``chat --model DIR --image PATH "question"``: detect, print the boxes, answer;
+  ``--interactive``: questions from stdin until EOF or ``exit``.
+
+Module import is light (no torch); the work is imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+
+
+def _cell(value, width: int) -> str:
+    if value is None:
+        text = ""
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    cells = [[_cell(v, max_width) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def register_cli(subparsers) -> None:
+    from mgllava.cli import add_config_args
+    from mgllava.eval.tasks import BENCHMARKS
+
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="evaluate an exported model on the benchmarks (lmms-eval), scores into the warehouse",
+        description="Run the Prefect flow `evaluate`: one task per benchmark, concurrently, with the stock "
+        "lmms-eval prompts and metrics on local data (config eval.data_dirs, else the shapes world's sets). "
+        "Scores and per-sample predictions go into the DuckDB warehouse; re-evaluating a checkpoint on a "
+        "task replaces its rows. Benchmarks: " + ", ".join(BENCHMARKS) + ".",
+    )
+    add_config_args(ev)
+    ev.add_argument("--model", required=True, help="exported MG-LLaVA directory (MGLLaVA.export)")
+    ev.add_argument("--tasks", help="comma-separated benchmarks (default: config eval.tasks)")
+    ev.add_argument("--max-workers", type=int, default=2, help="benchmarks evaluated at once (default 2)")
+    ev.add_argument("--run-id", help="id of this evaluation run (default: new)")
+    ev.set_defaults(func=_evaluate)
+
+    res = subparsers.add_parser(
+        "results",
+        help="print the score table, or run a read-only SQL query on the warehouse",
+        description="Print the warehouse's score table (one row per checkpoint, task and metric; failed and "
+        "skipped benchmarks with their reason), or with --sql run any query on a read-only connection. "
+        "Tables: eval_runs, eval_tasks, scores, predictions, train_stages, train_steps, box_runs.",
+    )
+    res.add_argument("--sql", help='a read-only query, e.g. "SELECT task, avg(score) FROM predictions GROUP BY 1"')
+    res.add_argument("--checkpoint", help="only this checkpoint (export directory)")
+    res.add_argument("--task", help="only this benchmark")
+    res.add_argument("--db", help="warehouse file (default $MGLLAVA_HOME/warehouse.duckdb)")
+    res.add_argument("--max-width", type=int, default=60, help="truncate cells to this many characters")
+    res.set_defaults(func=_results)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="ask an exported model about an image (boxes from the detector are shown)",
+        description="Run the detector on the image, print the boxes it found, and answer the question with "
+        "MG-LLaVA. --interactive reads one question per line from stdin until EOF or `exit` (each answered "
+        "on its own: the model has no chat history).",
+    )
+    add_config_args(chat)
+    chat.add_argument("--model", required=True, help="exported MG-LLaVA directory")
+    chat.add_argument("--image", required=True, help="image file")
+    chat.add_argument("question", nargs="?", help="the question (omit with --interactive)")
+    chat.add_argument("--interactive", action="store_true", help="read questions from stdin")
+    chat.add_argument("--detector", help="Ultralytics weights or model YAML (default: config detector.model)")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(func=_chat)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import run_evaluate
+    from mgllava.cli import config_from_args
+
+    config_from_args(args)  # validate the configuration before starting Prefect
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    rows = run_evaluate(args.model, max_workers=args.max_workers, preset=args.preset, config_file=args.config,
+                        overrides=args.overrides, tasks=tasks, run_id=args.run_id)
+    columns = ["task", "status", "metric", "value", "n", "reason"]
+    print(format_table(columns, [tuple(r[c] for c in columns) for r in rows]))
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from warehouse.eval import read_only_query, score_table
+
+    try:
+        if args.sql:
+            columns, rows = read_only_query(args.sql, db_path=args.db)
+        else:
+            columns, rows = score_table(args.checkpoint, args.task, db_path=args.db)
+    except (duckdb.Error, FileNotFoundError) as exc:
+        print(f"mgllava results: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(columns, rows, args.max_width))
+    return 0
+
+
+def _stdin_questions() -> Iterator[str]:
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from detector.errors import DetectorError
+    from detector.model import DetectorSettings
+    from mgllava.cli import config_from_args
+    from mgllava.eval.chat import ChatSession
+
+    if not args.interactive and not args.question:
+        print("mgllava chat: give a question, or --interactive", file=sys.stderr)
+        return 2
+    config = config_from_args(args)
+    settings = DetectorSettings.from_config(config.detector, model=args.detector)
+    try:
+        session = ChatSession(args.model, args.image, settings, max_new_tokens=args.max_new_tokens)
+    except (DetectorError, FileNotFoundError) as exc:
+        print(f"mgllava chat: {exc}", file=sys.stderr)
+        return 2
+    print(session.describe_boxes())
+    if args.question:
+        print(f"Q: {args.question}\nA: {session.ask(args.question)}")
+    if args.interactive:
+        for _, answer in session.interact(_stdin_questions()):
+            print(f"A: {answer}", flush=True)
+    return 0

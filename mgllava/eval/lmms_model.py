@@ -1,0 +1,216 @@
+"""MG-LLaVA as an lmms-eval 0.7.3 model (``--model mgllava``), a "simple" ``lmms`` subclass.
+
+``lmms-eval --model mgllava --model_args pretrained=EXPORT_DIR,boxes_dir=BOX_TABLE,...``;
+model arguments (all strings on the command line):
+
+===================  ==================================================================
+``pretrained``       a directory written by ``MGLLaVA.export`` (required)
+``boxes_dir``        a Parquet box table (``mgllava detect``) to read boxes from
+``detector``         Ultralytics weights or model YAML for images the table lacks
+``detector_conf``,   its score threshold, input size, NMS IoU (defaults as
+``detector_imgsz``,  ``DetectorConfig``)
+``detector_iou``
+``detection_cache``  folder of the on-the-fly detector's cache (default ~/.cache/mgllava)
+``allow_missing``    true: an image with neither a box row nor a detector gets no boxes
+``batch_size``       questions per ``generate`` call (default 8)
+``max_new_tokens``   cap on the task's own ``max_new_tokens`` (default 16: the stock tasks
+                     ask for 128-4096, far more than their short answers need)
+``device``           auto (CUDA if available), cpu, cuda:0...
+===================  ==================================================================
+
+Only ``generate_until`` is implemented: every benchmark of SPEC section 7 is a
+``generate_until`` task (``loglikelihood`` and multi-round generation raise
+``NotImplementedError``). Requests are grouped by generation settings, sorted by prompt
+length, and answered ``batch_size`` at a time with ``MGLLaVA.generate`` (greedy; the chat
+template's stop words end an answer, and the task's ``until`` strings cut it). Each image's
+boxes come from :class:`mgllava.eval.boxes.BoxSource`.
+
+The torch model is loaded once per process and directory (:func:`load_model`) and shared
+by every instance: evaluating several tasks at once costs one copy of the weights.
+
+Importing this module applies :func:`filelock_compat` (needed with filelock >= 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from mgllava.eval.boxes import BoxSource, ImageRef
+
+log = logging.getLogger(__name__)
+
+# doc columns that hold an image's key (the shapes world's sets put box-table keys there)
+IMAGE_KEY_COLUMNS = ("image_source", "image_id", "imageId", "image_key")
+
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def filelock_compat() -> None:
+    """Let ``lmms_eval.evaluator.simple_evaluate`` run with filelock >= 4.
+
+    lmms-eval 0.7.3's ``_enable_reentrant_filelocks`` imports ``filelock._api``, which
+    filelock 4 no longer has: every run fails with ``ModuleNotFoundError``. That patch guards
+    multi-rank hub downloads sharing one cache; local ``load_from_disk`` data takes no file
+    locks, so the patch is marked as already applied. With filelock < 4 nothing changes.
+    lmms-eval resolves ``--model mgllava`` (importing this module) before that call, so the
+    ``lmms-eval`` command is covered too.
+    """
+    import importlib.util
+
+    from lmms_eval import evaluator
+
+    if importlib.util.find_spec("filelock._api") is None:
+        evaluator._enable_reentrant_filelocks._patched = True
+
+
+filelock_compat()
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_model(export_dir: str | Path, device: str | None = None):
+    """The exported MG-LLaVA in ``export_dir`` on ``device``, loaded once per process."""
+    from mgllava.model import MGLLaVA
+
+    key = (str(Path(export_dir).resolve()), resolve_device(device))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            t0 = time.perf_counter()
+            _MODELS[key] = MGLLaVA.from_pretrained(key[0]).to(key[1]).eval()
+            log.info("loaded MG-LLaVA from %s on %s in %.1f s", key[0], key[1], time.perf_counter() - t0)
+        return _MODELS[key]
+
+
+def _as_bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _detector_settings(detector, conf, imgsz, iou, device):
+    if isinstance(detector, str) and detector:
+        from detector.model import DetectorSettings
+
+        return DetectorSettings(model=detector, conf=float(conf), imgsz=int(imgsz), iou=float(iou),
+                                device="cpu" if device == "cpu" else "auto")
+    return detector or None  # a DetectorSettings given by Python callers, or None
+
+
+class MGLLaVALmms(lmms):
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        boxes_dir: str | None = None,
+        detector=None,
+        detector_conf: float = 0.25,
+        detector_imgsz: int = 320,
+        detector_iou: float = 0.7,
+        detection_cache: str | None = None,
+        allow_missing: bool | str = False,
+        batch_size: int | str = 8,
+        max_new_tokens: int | str = 16,
+        device: str | None = None,
+        **unused,
+    ) -> None:
+        super().__init__()
+        unused = {k: v for k, v in unused.items() if k != "max_batch_size"}
+        if unused:
+            log.warning("mgllava: ignoring unknown model arguments %s", sorted(unused))
+        self.device = resolve_device(device)
+        self.model = load_model(pretrained, self.device)
+        self.pretrained = str(Path(pretrained).resolve())
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.box_source = BoxSource(
+            boxes_dir,
+            _detector_settings(detector, detector_conf, detector_imgsz, detector_iou, self.device),
+            detection_cache,
+            allow_missing=_as_bool(allow_missing),
+        )
+        self.stats = {"requests": 0, "batches": 0, "generate_s": 0.0, "boxes_s": 0.0}
+        self.boxes_used: dict[tuple[str, int], tuple[int, str]] = {}  # (task, doc_id) -> (n boxes, origin)
+        self._arrow_views: dict[tuple[str, str], object] = {}
+
+    # ------------------------------------------------------------------ images and boxes
+
+    def _raw_image_bytes(self, task: str, split: str, doc_id: int) -> bytes | None:
+        """The stored bytes of the doc's ``image`` column (what the box table's sha256 hashes)."""
+        import datasets
+
+        dataset = self.task_dict[task][split]
+        if not isinstance(dataset.features.get("image"), datasets.Image):
+            return None
+        view = self._arrow_views.setdefault((task, split), dataset.with_format("arrow"))
+        cell = view[doc_id].column("image")[0].as_py()
+        return cell.get("bytes") if cell else None
+
+    def _image_ref(self, request: Instance) -> ImageRef | None:
+        _, _, doc_to_visual, doc_id, task, split = request.args
+        doc = self.task_dict[task][split][doc_id]
+        visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
+        if not visuals:
+            return None
+        if len(visuals) > 1:
+            log.warning("%s doc %s has %d images; MG-LLaVA reads the first", task, doc_id, len(visuals))
+        raw = self._raw_image_bytes(task, split, doc_id) if len(visuals) == 1 else None
+        keys = tuple(str(doc[c]) for c in IMAGE_KEY_COLUMNS if doc.get(c) is not None)
+        return ImageRef(visuals[0].convert("RGB"), raw, keys)
+
+    # ------------------------------------------------------------------ lmms-eval API
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            gen_kwargs = dict(request.args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = (until,) if isinstance(until, str) else tuple(until)
+            max_new = min(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens)
+            groups.setdefault((max_new, until), []).append(i)
+        for (max_new, until), indices in groups.items():
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                for i, text in zip(chunk, self._answer([requests[i] for i in chunk], max_new), strict=True):
+                    for stop in until:
+                        text = text.split(stop, 1)[0] if stop else text
+                    answers[i] = text.strip()
+        return answers
+
+    def _answer(self, requests: list[Instance], max_new_tokens: int) -> list[str]:
+        t0 = time.perf_counter()
+        refs = [self._image_ref(r) for r in requests]
+        with_image = [i for i, ref in enumerate(refs) if ref is not None]
+        boxes = [None] * len(refs)
+        for i, (found, origin) in zip(with_image, self.box_source.boxes([refs[i] for i in with_image])):
+            boxes[i] = found
+            _, _, _, doc_id, task, _ = requests[i].args
+            self.boxes_used[(task, doc_id)] = (len(found), origin)
+        t1 = time.perf_counter()
+        answers = self.model.generate(
+            [ref.image if ref else None for ref in refs], boxes, [r.args[0] for r in requests],
+            max_new_tokens=max_new_tokens,
+        )
+        self.stats["boxes_s"] += t1 - t0
+        self.stats["generate_s"] += time.perf_counter() - t1
+        self.stats["requests"] += len(requests)
+        self.stats["batches"] += 1
+        return answers
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("mgllava: loglikelihood is not implemented (no target benchmark needs it)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("mgllava: multi-round generation is not implemented")

@@ -1,0 +1,236 @@
+"""``mgllava up`` / ``mgllava down``: the local Prefect server, work pool, deployments and worker.
+
+``up`` starts, in the background and each with a log file under
+``$MGLLAVA_HOME/logs``:
+
+1. a Prefect server bound to 127.0.0.1 (SQLite under ``$MGLLAVA_HOME/prefect``),
+   unless ``PREFECT_API_URL`` already points at a server (your own, or Prefect
+   Cloud): then that one is used and no server is started;
+2. the process work pool ``mgllava`` (created if missing);
+3. the deployments of ``prefect.yaml`` (``prefect deploy --all``, an upsert);
+4. a worker polling that pool.
+
+It is idempotent: what is already running (recorded in
+``$MGLLAVA_HOME/services.json`` and alive) is kept. ``down`` stops exactly the
+processes ``up`` started, worker first, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from mgllava.config import mgllava_home
+
+log = logging.getLogger(__name__)
+
+POOL = "mgllava"
+HOST = "127.0.0.1"
+DEFAULT_PORT = 4200
+REPO_ROOT = Path(__file__).resolve().parent.parent  # where prefect.yaml lives (editable install)
+
+
+def state_file() -> Path:
+    return mgllava_home() / "services.json"
+
+
+def _read_state() -> dict:
+    try:
+        return json.loads(state_file().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(state: dict) -> None:
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps(state, indent=2))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited child not yet reaped) is not alive
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def prefect_env(api_url: str) -> dict[str, str]:
+    """The environment for every Prefect process ``up`` starts or runs."""
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(mgllava_home() / "prefect"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+        "MGLLAVA_REPO": str(REPO_ROOT),
+    }
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_healthy(api_url: str, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(api_url):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"Prefect server at {api_url} did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def _prefect(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "prefect"), *args]
+
+
+def _spawn(command: list[str], env: dict, log_path: Path) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=REPO_ROOT,
+        )
+    return process.pid
+
+
+def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
+    """Start (or find running) the server, pool, deployments and worker; return the state."""
+    state = _read_state()
+    logs = mgllava_home() / "logs"
+    external = os.environ.get("PREFECT_API_URL")
+    if external and not state.get("server"):
+        api_url = external
+        log.info("using the Prefect API at %s (PREFECT_API_URL): no local server started", api_url)
+    else:
+        api_url = f"http://{HOST}:{port}/api"
+        server = state.get("server") or {}
+        if _alive(server.get("pid")) and _healthy(server.get("api_url", "")):
+            api_url = server["api_url"]
+            log.info("Prefect server already running (pid %d) at %s", server["pid"], api_url)
+        else:
+            if _healthy(api_url):
+                raise RuntimeError(
+                    f"something else already answers at {api_url}: stop it, or use it with "
+                    f"PREFECT_API_URL={api_url} mgllava up"
+                )
+            command = _prefect("server", "start", "--host", HOST, "--port", str(port))
+            pid = _spawn(command, prefect_env(api_url), logs / "prefect-server.log")
+            state["server"] = {"pid": pid, "api_url": api_url, "log": str(logs / "prefect-server.log")}
+            _write_state(state)
+            log.info("starting Prefect server (pid %d) at %s", pid, api_url)
+            _wait_healthy(api_url, server_timeout, logs / "prefect-server.log")
+    state["api_url"] = api_url
+    env = prefect_env(api_url)
+
+    if _run(_prefect("work-pool", "inspect", POOL), env).returncode != 0:
+        created = _run(_prefect("work-pool", "create", POOL, "--type", "process"), env)
+        if created.returncode != 0:
+            raise RuntimeError(f"could not create work pool {POOL!r}: {created.stdout}{created.stderr}")
+        log.info("created process work pool %r", POOL)
+    deployed = _run(_prefect("--no-prompt", "deploy", "--all"), env)
+    if deployed.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-3000:]}{deployed.stderr[-3000:]}")
+    log.info("deployed prefect.yaml (%s)", REPO_ROOT / "prefect.yaml")
+
+    worker = state.get("worker") or {}
+    if _alive(worker.get("pid")):
+        log.info("worker already running (pid %d) on pool %r", worker["pid"], POOL)
+    else:
+        command = _prefect("worker", "start", "--pool", POOL, "--type", "process")
+        pid = _spawn(command, env, logs / "prefect-worker.log")
+        state["worker"] = {"pid": pid, "pool": POOL, "log": str(logs / "prefect-worker.log")}
+        log.info("started worker (pid %d) on pool %r", pid, POOL)
+    _write_state(state)
+    return state
+
+
+def _stop(pid: int, name: str, timeout: float = 20.0) -> None:
+    if not _alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)  # the process group: the worker's flow-run children too
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        log.warning("%s (pid %d) did not stop on SIGTERM: killing it", name, pid)
+        os.killpg(pid, signal.SIGKILL)
+
+
+def down() -> dict:
+    """Stop the worker and the server that :func:`up` started (and nothing else)."""
+    state = _read_state()
+    for name in ("worker", "server"):
+        entry = state.get(name)
+        if entry:
+            _stop(entry["pid"], name)
+            log.info("stopped %s (pid %d)", name, entry["pid"])
+    state_file().unlink(missing_ok=True)
+    return state
+
+
+def status() -> dict:
+    state = _read_state()
+    return {
+        "api_url": state.get("api_url"),
+        "server": _alive((state.get("server") or {}).get("pid")),
+        "worker": _alive((state.get("worker") or {}).get("pid")),
+    }
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start the local Prefect server, work pool, deployments and worker (idempotent)",
+        description="Start a Prefect server on 127.0.0.1 (state under $MGLLAVA_HOME/prefect), create the "
+        f"process work pool '{POOL}', deploy prefect.yaml and start a worker, all in the background with "
+        "logs under $MGLLAVA_HOME/logs. Already-running pieces are kept. With PREFECT_API_URL set, that "
+        "server (or Prefect Cloud) is used instead of starting one.",
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (default 4200)")
+    parser.set_defaults(func=_up)
+    parser = subparsers.add_parser(
+        "down", help="stop what `mgllava up` started", description="Stop the worker and server `up` started."
+    )
+    parser.set_defaults(func=_down)
+
+
+def _up(args) -> int:
+    state = up(port=args.port)
+    ui = state["api_url"].removesuffix("/api")
+    print(f"Prefect API: {state['api_url']}")
+    print(f"Prefect UI:  {ui}  (flow runs: {ui}/runs)")
+    print(f"worker on pool '{POOL}'; logs in {mgllava_home() / 'logs'}")
+    print(f"to use it from this shell: export PREFECT_API_URL={state['api_url']}")
+    return 0
+
+
+def _down(args) -> int:
+    state = down()
+    print("stopped: " + (", ".join(k for k in ("worker", "server") if state.get(k)) or "nothing was running"))
+    return 0
