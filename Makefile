@@ -9,7 +9,7 @@ export YOLO_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo down test lint clean
 
 install: $(VENV)/.installed
 
@@ -20,15 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --progress-bar off -e '.[dev]'
 	touch $@
 
-# The main job on the embedded default (tiny preset, shapes world).
+# The main job on the embedded default (tiny preset, shapes world), as users run it:
+# the local Prefect server + worker, then the full-train deployment, then the scores from DuckDB.
 demo: install
-	$(BIN)/mgllava world
-	$(BIN)/mgllava zoo
-	$(BIN)/mgllava detector-train
-	$(BIN)/mgllava detect
+	$(BIN)/mgllava up
+	PREFECT_API_URL=$$($(BIN)/python -c "import mgllava.services as s; print(s.status()['api_url'])") \
+		$(BIN)/prefect deployment run mgllava/full-train --watch --watch-timeout 3600
+	$(BIN)/mgllava results
 
 test: install
 	$(BIN)/python -m pytest -q
+
+down: install
+	$(BIN)/mgllava down
 
 lint: install
 	$(BIN)/ruff check .
