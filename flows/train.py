@@ -12,47 +12,39 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 
-def _run(stage: str, preset, config_file, overrides, run_id, num_gpus, hostfile, fresh) -> dict:
-    from mgllava.config import load_config
-    from mgllava.train.job import new_run_id
-    from mgllava.train.launch import run_stage_job
+def _stage_flow(stage: str, description: str):
+    """The Prefect flow named ``stage`` that runs that training stage."""
 
-    logger = get_run_logger()
-    config = load_config(preset=preset, path=config_file, overrides=overrides or [])
-    result = run_stage_job(config, stage, run_id or new_run_id(), logger.info, num_gpus, hostfile, fresh)
-    logger.info(
-        "%s finished: %s steps, final loss %s; checkpoints in %s",
-        stage,
-        result.get("steps"),
-        result.get("final_loss"),
-        result.get("checkpoint_dir"),
-    )
-    return result
+    def run_stage(
+        preset: str | None = None,
+        config_file: str | None = None,
+        overrides: list[str] | None = None,
+        run_id: str | None = None,
+        num_gpus: int | None = None,
+        hostfile: str | None = None,
+        fresh: bool = False,
+    ) -> dict:
+        from mgllava.config import load_config
+        from mgllava.train.job import new_run_id
+        from mgllava.train.launch import run_stage_job
+
+        logger = get_run_logger()
+        config = load_config(preset=preset, path=config_file, overrides=overrides or [])
+        result = run_stage_job(config, stage, run_id or new_run_id(), logger.info, num_gpus, hostfile, fresh)
+        logger.info(
+            "%s finished: %s steps, final loss %s; checkpoints in %s",
+            stage,
+            result.get("steps"),
+            result.get("final_loss"),
+            result.get("checkpoint_dir"),
+        )
+        return result
+
+    run_stage.__doc__ = description
+    return flow(name=stage, description=description)(run_stage)
 
 
-@flow(name="pretrain")
-def pretrain(
-    preset: str | None = None,
-    config_file: str | None = None,
-    overrides: list[str] | None = None,
-    run_id: str | None = None,
-    num_gpus: int | None = None,
-    hostfile: str | None = None,
-    fresh: bool = False,
-) -> dict:
-    """Stage 1: train the fusion, projector and box projector (LLM and encoders frozen)."""
-    return _run("pretrain", preset, config_file, overrides, run_id, num_gpus, hostfile, fresh)
-
-
-@flow(name="finetune")
-def finetune(
-    preset: str | None = None,
-    config_file: str | None = None,
-    overrides: list[str] | None = None,
-    run_id: str | None = None,
-    num_gpus: int | None = None,
-    hostfile: str | None = None,
-    fresh: bool = False,
-) -> dict:
-    """Stage 2: train those and the LLM from the pretrain weights; export the model directory."""
-    return _run("finetune", preset, config_file, overrides, run_id, num_gpus, hostfile, fresh)
+pretrain = _stage_flow("pretrain", "Stage 1: train the fusion, projector and box projector (LLM and encoders frozen).")
+finetune = _stage_flow(
+    "finetune", "Stage 2: train those and the LLM from the pretrain weights; export the model directory."
+)

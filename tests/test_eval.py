@@ -9,9 +9,9 @@ import json
 
 import duckdb
 import pytest
+from conftest import tiny_overrides
 
 from mgllava.config import load_config
-from conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def cli(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------- entry point and tasks
 
 
+@pytest.mark.slow  # importing lmms_eval.models takes ~15 s
 def test_entry_point_is_discovered_by_lmms_eval():
     from lmms_eval.models import get_model
 

@@ -168,15 +168,15 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
     full = run_stage(_Toy(), full_data, _toy_collate, stage, "pretrain", tmp_path / "a", seed=0, progress=False)
     assert full.steps == 12 and full.resumed_from == 0
 
-    def kill_after_step_6(metrics):
-        if metrics[-1].step == 6:
+    def kill_during_step_7(metrics):  # after step 6 was checkpointed
+        if metrics[-1].step == 7:
             raise _Killed
 
     torch.manual_seed(0)
     first_data = _ToyData()
     with pytest.raises(_Killed):
         run_stage(_Toy(), first_data, _toy_collate, stage, "pretrain", tmp_path / "b", seed=0,
-                  progress=False, on_metrics=kill_after_step_6)
+                  progress=False, on_metrics=kill_during_step_7)
     torch.manual_seed(123)  # a different init: the checkpoint must overwrite it
     second_data = _ToyData()
     resumed = run_stage(_Toy(), second_data, _toy_collate, stage, "pretrain", tmp_path / "b", seed=0,

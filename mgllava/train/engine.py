@@ -104,7 +104,7 @@ def run_stage(
     """Train ``model`` (its trainable parameters) for one stage; resume if a checkpoint exists.
 
     ``collate`` turns a list of dataset items into a batch dict with the model's keyword
-    arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics`` receives each logging step's metrics (rank 0 only).
+    arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics`` receives each logging step's metrics (rank 0 only), as they happen.
     """
     import deepspeed
     from tqdm import tqdm
@@ -148,9 +148,8 @@ def run_stage(
         unit="step",
         disable=not progress or rank != 0,
     )
-    pending: list[StepMetrics] = []
+    step_started = time.perf_counter()  # wall time per step includes loading its data
     for step, micro_batches in _group(iter(loader), plan, start_step):
-        started = time.perf_counter()
         losses, samples, tokens, skipped = [], 0, 0, 0
         for batch in micro_batches:
             result.skipped.update(item.reason for item in batch["skipped"])
@@ -164,7 +163,7 @@ def run_stage(
             losses.append(loss.item())
             samples += len(batch["input_ids"])
             tokens += n_tokens
-        elapsed = max(time.perf_counter() - started, 1e-9)
+        elapsed = max(time.perf_counter() - step_started, 1e-9)
         grad_norm = engine.get_global_grad_norm()
         metrics = StepMetrics(
             step=step,
@@ -179,15 +178,13 @@ def run_stage(
         result.steps = step
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
-        if rank == 0 and (step % stage.log_every == 0 or step == plan.total_steps):
-            pending.append(metrics)
+        if rank == 0 and on_metrics and (step % stage.log_every == 0 or step == plan.total_steps):
+            on_metrics([metrics])  # a resumed run re-logs the steps after its checkpoint: rows are replaced
         if step % stage.save_every == 0 or step == plan.total_steps:
             engine.save_checkpoint(
                 str(checkpoint_dir), tag=f"step_{step}", client_state={"step": step, "skipped": dict(result.skipped)}
             )
-            if pending and on_metrics:
-                on_metrics(pending)
-            pending = []
+        step_started = time.perf_counter()  # checkpoints and metric writes are not the next step's time
     bar.close()
     if rank == 0:
         (checkpoint_dir / "plan.json").write_text(json.dumps(plan.__dict__, indent=2))
