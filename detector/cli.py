@@ -147,11 +147,9 @@ def _detect_with_bar(sources, out, settings, image_root, shard_size, args):
 
 def _record_in_warehouse(path, out) -> None:
     try:
-        from warehouse.db import connect, create_box_views, record_box_run
+        from warehouse.db import register_box_table
 
-        with connect(path) as con:
-            record_box_run(con, out)
-            create_box_views(con, out)
+        register_box_table(out, path)
     except Exception as exc:  # the box table is written; the warehouse is a convenience
         log.warning("could not record the run in the DuckDB warehouse: %s", exc)
 

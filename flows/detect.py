@@ -45,6 +45,14 @@ def finalize_task(out: str, computed: list[int], started_at: str) -> dict:
     return finalize_run(out, computed=computed, started_at=started_at)
 
 
+@task(name="detect-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def register_task(out: str) -> None:
+    """The box table's row in ``box_runs`` and the box views, in the DuckDB warehouse."""
+    from warehouse.db import register_box_table
+
+    register_box_table(out)
+
+
 @flow(name="detect", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
 def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | None = None,
                 shard_size: int = 256, overwrite: bool = False) -> dict:
@@ -60,6 +68,7 @@ def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | 
     if plan["complete"]:
         logger.info("box table %s is already complete for these inputs and detector (run %s): skipped",
                     plan["out"], plan["fingerprint"][:12])
+        register_task(plan["out"])
         return {**plan["manifest"], "_skipped": True}
     pending = plan["pending"]
     logger.info("run %s: %d images in %d shards, %d to compute", plan["fingerprint"][:12], plan["n_images"],
@@ -74,6 +83,7 @@ def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | 
                     res["shard"], k, len(pending), done_images, todo_images,
                     100.0 * done_images / max(todo_images, 1), res["boxes"], res["rejects"])
     manifest = finalize_task(plan["out"], pending, started)
+    register_task(plan["out"])
     t = manifest["totals"]
     logger.info("detect: %d images: %d rows (%d boxes), %d rejects -> %s", t["images"], t["rows"], t["boxes"],
                 t["rejects"], plan["out"])

@@ -242,8 +242,8 @@ def test_finetune_flow_fails_cleanly_when_the_job_fails(tiny_config, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.train import finetune
-    from mgllava.train.launch import JobFailed
     from mgllava.train.job import stage_dir
+    from mgllava.train.launch import JobFailed
 
     weights = stage_dir(tiny_config, "pretrain") / "trainable.safetensors"
     weights.parent.mkdir(parents=True)

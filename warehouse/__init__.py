@@ -8,6 +8,7 @@ from warehouse.db import (
     ensure_schema,
     open_with_retry,
     record_box_run,
+    register_box_table,
     sql_string,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "ensure_schema",
     "open_with_retry",
     "record_box_run",
+    "register_box_table",
     "sql_string",
 ]

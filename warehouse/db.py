@@ -63,7 +63,9 @@ TABLES: list[str] = [
         preset VARCHAR,
         config JSON,
         config_sha256 VARCHAR,
+        corpus_sha256 VARCHAR,
         boxes_dir VARCHAR,
+        box_fingerprint VARCHAR,
         status VARCHAR NOT NULL,
         started_at TIMESTAMPTZ,
         finished_at TIMESTAMPTZ,
@@ -282,3 +284,10 @@ def record_box_run(con: duckdb.DuckDBPyConnection, box_dir: str | Path) -> None:
             json.dumps(manifest),
         ],
     )
+
+
+def register_box_table(box_dir: str | Path, path: str | Path | None = None) -> None:
+    """Record a finished box table in ``box_runs`` and point the box views at it (one transaction each)."""
+    with connect(path) as con:
+        record_box_run(con, box_dir)
+        create_box_views(con, box_dir)

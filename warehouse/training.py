@@ -19,20 +19,23 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def record_stage_start(run_id: str, stage: str, config) -> None:
+def record_stage_start(run_id: str, stage: str, config, corpus_sha256: str, box_fingerprint: str) -> None:
     config_json = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     with connect() as con:
         con.execute(
             """INSERT OR REPLACE INTO train_stages
-               (run_id, stage, preset, config, config_sha256, boxes_dir, status, started_at)
-               VALUES (?, ?, ?, ?, ?, ?, 'running', ?)""",
+               (run_id, stage, preset, config, config_sha256, corpus_sha256, boxes_dir, box_fingerprint,
+                status, started_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)""",
             [
                 run_id,
                 stage,
                 config.preset,
                 config_json,
                 hashlib.sha256(config_json.encode()).hexdigest(),
+                corpus_sha256,
                 config.data.boxes_dir,
+                box_fingerprint,
                 _now(),
             ],
         )

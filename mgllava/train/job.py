@@ -84,7 +84,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
 
     check_stage_inputs(config, stage)
     run_id = run_id or new_run_id()
-    out = stage_dir(config, stage)
+    out = stage_dir(config, stage).resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
     records, report = load_conversations(getattr(config.data, f"{stage}_json"))
@@ -104,7 +104,11 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     def record_metrics(rows) -> None:
         warehouse.insert_train_steps(run_id, stage, rows)
 
-    warehouse.record_stage_start(run_id, stage, config)
+    from mgllava.pipeline import box_table_fingerprint, corpus_digest
+
+    warehouse.record_stage_start(
+        run_id, stage, config, corpus_digest(config, stage), box_table_fingerprint(config)
+    )
     result = run_stage(
         model,
         dataset,
