@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 import traceback
 import uuid
@@ -117,6 +118,11 @@ def _unwrap(exc: Exception) -> Exception:
     return inner if isinstance(inner, Exception) else exc
 
 
+# lmms-eval registers its YAML "!function" constructor globally, bound to the file being read, so
+# two benchmarks loading their task files at once can resolve each other's functions: load one at a time.
+_TASK_LOADING = threading.Lock()
+
+
 def run_benchmark(plan, include_path: str | Path, model_kwargs: dict, limit: int | None = None,
                   output_dir: str | Path | None = None) -> BenchmarkResult:
     """Evaluate one planned benchmark; a skipped plan comes back skipped, an error as failed."""
@@ -126,15 +132,17 @@ def run_benchmark(plan, include_path: str | Path, model_kwargs: dict, limit: int
     t0 = time.perf_counter()
     try:
         from lmms_eval import evaluator
-        from lmms_eval.tasks import TaskManager
+        from lmms_eval.tasks import TaskManager, get_task_dict
 
         from mgllava.eval.lmms_model import MGLLaVALmms
 
         lm = MGLLaVALmms(**model_kwargs)
-        manager = TaskManager(verbosity="WARNING", include_path=str(include_path), include_defaults=False)
+        with _TASK_LOADING:
+            manager = TaskManager(verbosity="WARNING", include_path=str(include_path), include_defaults=False)
+            tasks = list(get_task_dict([plan.task], manager).values())
         output_dir = Path(output_dir or Path(include_path).parent / "outputs") / plan.name
         out = evaluator.simple_evaluate(
-            model=lm, tasks=[plan.task], task_manager=manager, limit=limit, log_samples=True,
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
             bootstrap_iters=0, verbosity="WARNING", cli_args=argparse.Namespace(output_path=str(output_dir), process_with_media=False),
         )
         if not out or plan.task not in out.get("results", {}):
