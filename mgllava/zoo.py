@@ -4,8 +4,10 @@
 with exactly the calls it uses for the real checkpoints:
 
 - ``llm/``: a tiny Llama-architecture ``LlamaForCausalLM`` and a byte-level BPE
-  tokenizer, both trained on the shapes world's text (the LLM briefly, as a language
-  model: the stand-in for a real LLM's text pretraining), saved with ``save_pretrained``
+  tokenizer, both trained on the shapes world's text (the LLM as a language model, on the
+  conversations with their replies shuffled among questions of the same kind: the stand-in
+  for a real LLM's text pretraining, which knows the words and answer formats but has never
+  seen these images), saved with ``save_pretrained``
   (loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), as
   Vicuna, Llama-3, Phi-3 and Yi are;
 - ``clip/``: a tiny ``CLIPVisionModel`` with its ``CLIPImageProcessor``, the
@@ -27,6 +29,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from mgllava.templates import IMAGE_PLACEHOLDER
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -34,15 +38,40 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _world_texts(world_dir: Path) -> Iterator[str]:
-    """The world's conversations rendered in every chat template, and its rendered numbers."""
+def _world_conversations(world_dir: Path, shuffle_answers: bool) -> list[list[tuple[str, str]]]:
+    """The world's conversations as ``[(role, text), ...]``.
+
+    With ``shuffle_answers`` every reply is swapped for the reply to another question of the
+    same kind (same first three words, e.g. "How many squares"): the text keeps the world's
+    words and answer formats but no longer says what any image shows, so a language model
+    pretrained on it learns the format, not the answers.
+    """
+    records = [r for name in ("pretrain.json", "instruct.json") for r in json.loads((world_dir / name).read_text())]
+    conversations = [[(t["from"], t["value"]) for t in r["conversations"]] for r in records]
+    if shuffle_answers:
+        import random
+
+        by_kind: dict[str, list[tuple[int, int]]] = {}
+        for c, turns in enumerate(conversations):
+            for t in range(1, len(turns), 2):
+                kind = " ".join(turns[t - 1][1].replace(IMAGE_PLACEHOLDER, "").split()[:3])
+                by_kind.setdefault(kind, []).append((c, t))
+        rng = random.Random(0)
+        for slots in by_kind.values():
+            replies = [conversations[c][t][1] for c, t in slots]
+            rng.shuffle(replies)
+            for (c, t), reply in zip(slots, replies):
+                conversations[c][t] = (conversations[c][t][0], reply)
+    return conversations
+
+
+def _world_texts(world_dir: Path, template_names: list[str] | None = None, shuffle_answers: bool = False) -> Iterator[str]:
+    """The world's conversations rendered in the chat templates (all by default), and its numbers."""
     from mgllava.templates import TEMPLATES
 
-    templates = list(TEMPLATES.values())
-    for name in ("pretrain.json", "instruct.json"):
-        for index, record in enumerate(json.loads((world_dir / name).read_text())):
-            turns = [(turn["from"], turn["value"]) for turn in record["conversations"]]
-            yield "".join(s.text for s in templates[index % len(templates)].render(turns))
+    templates = [TEMPLATES[name] for name in template_names or TEMPLATES]
+    for index, turns in enumerate(_world_conversations(world_dir, shuffle_answers)):
+        yield "".join(s.text for s in templates[index % len(templates)].render(turns))
     for line in (world_dir / "annotations.jsonl").read_text().splitlines():
         if line.strip() and json.loads(line).get("text"):
             yield json.loads(line)["text"]
@@ -66,7 +95,7 @@ def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
 
 
-def build_llm(out: Path, world_dir: Path, max_length: int):
+def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicuna_v1"):
     """Train the tokenizer and the tiny LLM on the world's text, save both; return (model, losses)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,15 +114,18 @@ def build_llm(out: Path, world_dir: Path, max_length: int):
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    losses = pretrain_on_text(model, tokenizer, list(_world_texts(world_dir)))
+    texts = list(_world_texts(world_dir, [template], shuffle_answers=True))
+    losses = pretrain_on_text(model, tokenizer, texts)
     log.info("tiny LLM text pretraining: loss %.3f -> %.3f", losses[0], losses[-1])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, losses
 
 
-def pretrain_on_text(model, tokenizer, texts: list[str], block: int = 128, batch_size: int = 16) -> list[float]:
-    """One epoch of language-model pretraining of the tiny LLM on the world's text (no images).
+def pretrain_on_text(
+    model, tokenizer, texts: list[str], epochs: int = 3, block: int = 128, batch_size: int = 16
+) -> list[float]:
+    """Language-model pretraining (``epochs`` passes) of the tiny LLM on the world's text (no images).
 
     The stand-in for the text pretraining every real LLM of the recipe has had: the
     model learns the chat format and the words of the world, not what any image shows.
@@ -106,8 +138,9 @@ def pretrain_on_text(model, tokenizer, texts: list[str], block: int = 128, batch
         stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
     n_blocks = len(stream) // block
     blocks = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)  # (n_blocks, block)
-    blocks = blocks[torch.randperm(n_blocks, generator=torch.Generator().manual_seed(0))]
-    steps = max(1, n_blocks // batch_size)
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.cat([blocks[torch.randperm(n_blocks, generator=generator)] for _ in range(epochs)])
+    steps = max(1, len(blocks) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()

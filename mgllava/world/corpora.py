@@ -59,16 +59,19 @@ def build_pretrain(annotations: list[dict], seed: int) -> list[dict]:
 
 
 def _instruction_pairs(rng: random.Random, ann: dict) -> list[tuple[str, str]]:
-    """2-4 (prompt, answer) pairs: one existence question (yes or no with equal odds), the number
-    if there is one (most of the time), then other kinds; about one in five as multiple choice."""
-    qas = [q.existence(rng, ann, present=rng.random() < 0.5, strategy=rng.choice(q.POPE_STRATEGIES))]
+    """5-7 (prompt, answer) pairs: four existence questions (two about objects that are there,
+    two about ones that are not, the POPE kinds), the number if there is one (most of the
+    time), then other kinds; about one in five as multiple choice."""
+    qas = [
+        q.existence(rng, ann, present=present, strategy=rng.choice(q.POPE_STRATEGIES))
+        for present in (True, True, False, False)
+    ]
     text_qa = q.read_text(rng, ann)
     if text_qa is not None and rng.random() < 0.8:
         qas.append(text_qa)
     others = [qa for gen in _GENERATORS if (qa := gen(rng, ann)) is not None]
     rng.shuffle(others)
-    n_pairs = rng.randint(2, 4)
-    qas = (qas + others)[:n_pairs]
+    qas = (qas + others)[: 4 + rng.randint(1, 3)]
     rng.shuffle(qas)
     pairs = []
     for qa in qas:
