@@ -41,18 +41,18 @@ class ChatTemplate:
         ready for ``generate``; the last turn must then be a human turn.
         """
         segments = [Segment(self.system, False)] if self.system else []
-        for role, text in turns:
+        for index, (role, text) in enumerate(turns):
+            if role not in (HUMAN, ASSISTANT):
+                raise ValueError(f"unknown role {role!r}; expected {HUMAN!r} or {ASSISTANT!r}")
+            if role != (HUMAN, ASSISTANT)[index % 2]:
+                raise ValueError("a conversation must alternate human and gpt turns, starting with human")
             if role == HUMAN:
                 segments.append(Segment(self.user_prefix + text + self.user_suffix + self.assistant_prefix, False))
-            elif role == ASSISTANT:
-                if not segments or segments[-1].trainable:
-                    raise ValueError("a conversation must alternate human and gpt turns, starting with human")
-                segments.append(Segment(text + self.assistant_suffix, True))
             else:
-                raise ValueError(f"unknown role {role!r}; expected {HUMAN!r} or {ASSISTANT!r}")
-        if add_generation_prompt and (not segments or segments[-1].trainable):
+                segments.append(Segment(text + self.assistant_suffix, True))
+        if add_generation_prompt and (not turns or turns[-1][0] != HUMAN):
             raise ValueError("add_generation_prompt needs a conversation that ends with a human turn")
-        if not add_generation_prompt and segments and not segments[-1].trainable:
+        if not add_generation_prompt and turns and turns[-1][0] == HUMAN:
             # a trailing human turn has no answer to learn from: drop its assistant prefix
             last = segments[-1]
             segments[-1] = Segment(last.text[: len(last.text) - len(self.assistant_prefix)], False)
