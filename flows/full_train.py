@@ -52,7 +52,7 @@ def train_detector(config: Config, key: str) -> dict:
     return metrics
 
 
-@task(name="train-{stage}", task_run_name="train-{stage}", cache_key_fn=_by_key, persist_result=True, retries=1)
+@task(name="train-stage", task_run_name="train-{stage}", cache_key_fn=_by_key, persist_result=True, retries=1)
 def train_stage(config: Config, stage: str, run_id: str, key: str) -> dict:
     from mgllava.train.launch import run_stage_job
 
