@@ -78,20 +78,15 @@ def register_cli(subparsers) -> None:
 
 def _run_detect(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    from detector.inputs import default_sources
     from mgllava.cli import config_from_args
 
     config = config_from_args(args)
     det = config.detector
     image_root = args.image_root or (None if args.source else config.data.image_root)
-    sources = args.source
-    if not sources:  # the configured corpora, plus the world's benchmark images (keys bench/NNNNNN.png)
-        sources = [config.data.pretrain_json, config.data.finetune_json]
-        bench = Path(config.data.image_root) / "bench"
-        if bench.is_dir():
-            sources.append(str(bench))
+    sources = args.source or default_sources(config)
     out = args.out or config.data.boxes_dir
     shard_size = args.shard_size or det.shard_size
 

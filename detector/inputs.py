@@ -306,3 +306,13 @@ def collect_inputs(
         )
     images = [ImageRef(k, by_key[k]) for k in sorted(by_key)]
     return Inputs(images=images, sources=summaries, references=len(all_refs), conflicts=len(conflicts))
+
+
+def default_sources(config) -> list[str]:
+    """What ``detect`` covers when given no source: the configured corpora, plus the shapes
+    world's benchmark images (keys ``bench/NNNNNN.png``) when they are under the image root."""
+    sources = [config.data.pretrain_json, config.data.finetune_json]
+    bench = Path(config.data.image_root) / "bench"
+    if bench.is_dir():
+        sources.append(str(bench))
+    return sources

@@ -20,11 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from detector.inputs import default_sources
 from flows.detect import detect_flow
 from flows.evaluate import evaluate
 from mgllava.config import Config, load_config
 from mgllava.pipeline import (
-    detect_sources,
     detector_train_key,
     evaluate_key,
     needs_detector_training,
@@ -144,7 +144,7 @@ def full_train(
     from detector.model import DetectorSettings
 
     settings = DetectorSettings.from_config(config.detector).to_json()
-    box_manifest = detect_flow(sources=detect_sources(config), out=config.data.boxes_dir, settings=settings,
+    box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir, settings=settings,
                                image_root=config.data.image_root, overwrite=True)  # a new detector redoes it
     run_id = new_run_id()
     stages = {}

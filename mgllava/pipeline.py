@@ -137,12 +137,3 @@ def evaluate_key(config: Config, model_dir: str) -> str:
         tree_digest(model_dir),
         box_table_fingerprint(config),
     )
-
-
-def detect_sources(config: Config) -> list[str]:
-    """The configured corpora, plus the world's benchmark images (keys ``bench/NNNNNN.png``)."""
-    sources = [config.data.pretrain_json, config.data.finetune_json]
-    bench = Path(config.data.image_root) / "bench"
-    if bench.is_dir():
-        sources.append(str(bench))
-    return sources

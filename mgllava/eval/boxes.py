@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detector.tables import Detection
 from mgllava.model.boxes import Boxes
 
 log = logging.getLogger(__name__)
 
-Detection = tuple[float, float, float, float, float, str]
 
 _INDEX_CACHE: dict[tuple, tuple[dict, dict]] = {}
 _INDEX_LOCK = threading.Lock()
@@ -63,38 +63,16 @@ def pixel_hash(image: Image.Image) -> str:
     return h.hexdigest()
 
 
-def to_boxes(detections: list[Detection]) -> Boxes:
-    if not detections:
-        return Boxes.empty()
-    return Boxes([d[:4] for d in detections], [d[5] for d in detections], [d[4] for d in detections])
-
-
 def read_box_table(box_dir: str | Path) -> tuple[dict[str, list[Detection]], dict[str, list[Detection]]]:
-    """``(by image_key, by sha256)`` of a box table's ``boxes/*.parquet`` (cached per file set)."""
-    import pyarrow.parquet as pq
-
-    from detector.schema import META_SCHEMA_VERSION, SCHEMA_VERSION
+    """:func:`detector.tables.read_box_index`, cached per set of shard files (benchmarks share it)."""
+    from detector.tables import read_box_index
 
     files = sorted((Path(box_dir) / "boxes").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no box table shards in {Path(box_dir) / 'boxes'}: run `mgllava detect` first")
     cache_key = tuple((str(f.resolve()), f.stat().st_mtime_ns) for f in files)
     with _INDEX_LOCK:
-        if cache_key in _INDEX_CACHE:
-            return _INDEX_CACHE[cache_key]
-        by_key: dict[str, list[Detection]] = {}
-        by_sha: dict[str, list[Detection]] = {}
-        for file in files:
-            version = (pq.read_schema(file).metadata or {}).get(META_SCHEMA_VERSION, b"").decode()
-            if version != SCHEMA_VERSION:
-                raise ValueError(f"{file}: box table schema version {version!r}, this reader knows {SCHEMA_VERSION!r}")
-            table = pq.read_table(file, columns=["image_key", "sha256", "boxes"])
-            for key, sha, boxes in zip(*(table.column(c).to_pylist() for c in ("image_key", "sha256", "boxes"))):
-                detections = [(b["x1"], b["y1"], b["x2"], b["y2"], b["score"], b["label"]) for b in boxes]
-                by_key[key] = detections
-                by_sha[sha] = detections
-        _INDEX_CACHE[cache_key] = (by_key, by_sha)
-        return by_key, by_sha
+        if cache_key not in _INDEX_CACHE:
+            _INDEX_CACHE[cache_key] = read_box_index(box_dir)
+        return _INDEX_CACHE[cache_key]
 
 
 def detector_fingerprint(settings) -> str:
@@ -180,4 +158,4 @@ class BoxSource:
         with self._lock:
             for _, origin in found:
                 self.counts[origin] += 1
-        return [(to_boxes(dets), origin) for dets, origin in found]
+        return [(Boxes.from_detections(dets), origin) for dets, origin in found]

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mgllava.eval.boxes import Detection, to_boxes
+from detector.tables import Detection
+from mgllava.model.boxes import Boxes
 
 EXIT_WORDS = ("exit", "quit")
 
@@ -49,7 +50,7 @@ class ChatSession:
         return format_boxes(self.detections, self.detector_name)
 
     def ask(self, question: str) -> str:
-        return self.model.generate([self.image], [to_boxes(self.detections)], [question],
+        return self.model.generate([self.image], [Boxes.from_detections(self.detections)], [question],
                                    max_new_tokens=self.max_new_tokens)[0]
 
     def interact(self, lines: Iterable[str]) -> Iterator[tuple[str, str]]:

@@ -58,6 +58,13 @@ class Boxes:
     def empty(cls) -> Boxes:
         return cls(torch.zeros(0, 4))
 
+    @classmethod
+    def from_detections(cls, detections: list[tuple[float, float, float, float, float, str]]) -> Boxes:
+        """From box-table rows ``(x1, y1, x2, y2, score, label)`` (``detector.tables``)."""
+        if not detections:
+            return cls.empty()
+        return cls([d[:4] for d in detections], [d[5] for d in detections], [d[4] for d in detections])
+
 
 def square_padding(width: int, height: int) -> tuple[int, int, int]:
     """``(side, left, top)`` of the centred square padding of a ``width x height`` image."""

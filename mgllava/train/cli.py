@@ -39,10 +39,9 @@ def register_cli(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from mgllava.cli import config_from_args
-    from mgllava.train.job import check_stage_inputs, new_run_id, train
+    from mgllava.train.job import new_run_id, train
 
     config = config_from_args(args)
-    check_stage_inputs(config, args.stage)
     run_id = args.run_id or new_run_id()
     if args.launcher:
         from mgllava.train.launch import run_stage_job

@@ -65,10 +65,8 @@ def load_boxes(boxes_dir: str | Path) -> dict:
     if not (Path(boxes_dir) / "boxes").exists():
         log.warning("no box tables at %s: every image gets zero object tokens", boxes_dir)
         return {}
-    return {
-        key: Boxes([d[:4] for d in detections], [d[5] for d in detections], [d[4] for d in detections])
-        for key, detections in read_box_index(boxes_dir).items()
-    }
+    by_key, _ = read_box_index(boxes_dir)
+    return {key: Boxes.from_detections(detections) for key, detections in by_key.items()}
 
 
 def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
