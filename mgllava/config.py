@@ -98,6 +98,15 @@ class WorldConfig(_Section):
     seed: int = 0
 
 
+class ZooConfig(_Section):
+    """The tiny model zoo built for the embedded default (``mgllava zoo``)."""
+
+    tower_scenes: int = Field(
+        1200, ge=0, description="rendered scenes the tiny vision towers are pretrained on (0: random towers)"
+    )
+    tower_epochs: int = Field(3, ge=0, description="epochs of that pretraining")
+
+
 class DataConfig(_Section):
     world_dir: str | None = Field(
         "{work_dir}/world", description="generated shapes world; null when using real corpora"
@@ -195,6 +204,7 @@ class Config(_Section):
     preset: str = Field("custom", description="name of the preset this configuration came from")
     work_dir: str = Field("{home}/runs/{preset}", description="where this configuration's stages write")
     world: WorldConfig = Field(default_factory=WorldConfig)
+    zoo: ZooConfig = Field(default_factory=ZooConfig)
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

@@ -52,7 +52,9 @@ def _section(config: Config, *fields: str) -> dict:
 
 
 def prepare_world_and_zoo(config: Config) -> dict:
-    """Generate the shapes world and build the tiny zoo where the config asks for them (idempotent)."""
+    """Generate the shapes world and build the tiny zoo where the config asks for them (idempotent:
+    each is rebuilt only if missing, incomplete or made with other settings). An LLM path that exists
+    but is no zoo of ours (no ``zoo.json`` beside it) is left alone."""
     from mgllava.world import generate_world
     from mgllava.zoo import build_zoo
 
@@ -61,9 +63,10 @@ def prepare_world_and_zoo(config: Config) -> dict:
     world = generate_world(config.data.world_dir, n_images=config.world.n_images, seed=config.world.seed,
                            progress=False)
     zoo = Path(config.model.llm.path).parent
-    if not Path(config.model.llm.path).exists():
+    if not Path(config.model.llm.path).exists() or (zoo / "zoo.json").exists():  # absent, or ours: (re)build
         vision = config.model.vision
-        build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length)
+        build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length,
+                  tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs)
     return {"world": str(world), "zoo": str(zoo)}
 
 

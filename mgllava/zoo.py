@@ -159,7 +159,8 @@ def pretrain_on_text(
 
 
 def build_clip(out: Path, image_size: int):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    """A tiny ``CLIPVisionModel`` (random weights) saved in the Hugging Face layout."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(
         hidden_size=64,
@@ -171,6 +172,14 @@ def build_clip(out: Path, image_size: int):
         projection_dim=64,
     )
     model = CLIPVisionModel(config)
+    save_clip(out, model, image_size)
+    return model
+
+
+def save_clip(out: Path, model, image_size: int) -> None:
+    """``save_pretrained`` the model and its ``CLIPImageProcessor``."""
+    from transformers import CLIPImageProcessor
+
     model.save_pretrained(out)
     CLIPImageProcessor(
         size={"shortest_edge": image_size},
@@ -178,7 +187,6 @@ def build_clip(out: Path, image_size: int):
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     ).save_pretrained(out)
-    return model
 
 
 def convnext_open_clip_config(image_size: int) -> dict:
@@ -204,25 +212,48 @@ def convnext_open_clip_config(image_size: int) -> dict:
 def build_convnext(out: Path, image_size: int):
     """Write the open_clip hub layout, then build the model from it with the real loading code."""
     import open_clip
-    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_model.safetensors").unlink(missing_ok=True)  # else open_clip loads the old weights
     (out / "open_clip_config.json").write_text(json.dumps(convnext_open_clip_config(image_size), indent=2))
     model = open_clip.create_model(LOCAL_DIR_PREFIX + str(out), pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    save_convnext(out, model)
     return model
+
+
+def save_convnext(out: Path, model) -> None:
+    """The open_clip model's weights as ``open_clip_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
 
 
 LOCAL_DIR_PREFIX = "local-dir:"
 
 
-def build_zoo(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res: int, max_length: int) -> Path:
-    """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete."""
+def build_zoo(
+    out_dir: str | Path,
+    world_dir: str | Path,
+    high_res: int,
+    low_res: int,
+    max_length: int,
+    tower_scenes: int = 0,
+    tower_epochs: int = 0,
+) -> Path:
+    """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete.
+
+    The vision towers are pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
+    epochs (:mod:`mgllava.tower_pretraining`; 0, the default here, leaves them random; the
+    configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline).
+    """
     import torch
+
+    from mgllava.tower_pretraining import pretrain_towers
 
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
-    settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir)}
+    settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir),
+                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs}
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
         log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
         return out_dir
@@ -230,9 +261,14 @@ def build_zoo(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
     _, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
-    build_clip(out_dir / "clip", low_res)
-    build_convnext(out_dir / "convnext", high_res)
-    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]]}, indent=2))
+    clip = build_clip(out_dir / "clip", low_res)
+    convnext = build_convnext(out_dir / "convnext", high_res)
+    towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=tower_scenes,
+                             epochs=tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
+    save_clip(out_dir / "clip", clip, low_res)
+    save_convnext(out_dir / "convnext", convnext)
+    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]], "towers": towers},
+                                 indent=2))
     log.info("tiny zoo written to %s", out_dir)
     return out_dir
 
@@ -262,6 +298,7 @@ def _run(args: argparse.Namespace) -> int:
     if not world:
         raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
     vision = config.model.vision
-    build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length)
+    build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
+              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs)
     print(f"zoo: {out} (llm/, clip/, convnext/)")
     return 0

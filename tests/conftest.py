@@ -33,6 +33,10 @@ def tiny_world(tmp_path_factory):
     return generate_world(tmp_path_factory.mktemp("tiny") / "world", n_images=30, seed=0, progress=False)
 
 
+TINY_TOWER_SCENES = 16
+"""Vision-tower pretraining in the test zoos: a few scenes, so the code path runs, fast."""
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tiny_world):
     """The tiny model zoo built on :func:`tiny_world` at the tiny preset's sizes."""
@@ -46,6 +50,8 @@ def tiny_zoo(tiny_world):
         high_res=model.vision.high_res,
         low_res=model.vision.low_res,
         max_length=model.max_length,
+        tower_scenes=TINY_TOWER_SCENES,
+        tower_epochs=1,
     )
 
 

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import TINY_TOWER_SCENES
 from PIL import Image
 
 from mgllava.config import load_config
@@ -21,7 +22,7 @@ HIGH_RES, LOW_RES, MAX_LENGTH = 256, 112, 512
 def world_and_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     generate_world(root / "world", n_images=24, seed=0, progress=False)
-    build_zoo(root / "zoo", root / "world", HIGH_RES, LOW_RES, MAX_LENGTH)
+    build_zoo(root / "zoo", root / "world", HIGH_RES, LOW_RES, MAX_LENGTH, tower_scenes=TINY_TOWER_SCENES, tower_epochs=1)
     return root
 
 
@@ -130,6 +131,16 @@ def test_processor_tokenises_and_masks(model, world_samples):
         processor([("human", "no placeholder"), ("gpt", "x")], [world_samples[0][0]])
     clone = pickle.loads(pickle.dumps(processor))  # DataLoader workers receive a pickled copy
     assert torch.equal(clone(long_turns)["input_ids"], processor(long_turns)["input_ids"])
+
+
+def test_generation_prompt_carries_the_chat_history(model):
+    processor, tokenizer = model.processor, model.processor.tokenizer
+    first = processor.generation_prompt("Is there a star?", with_image=True)
+    second = processor.generation_prompt("What color is it?", with_image=True, history=[("Is there a star?", "yes")])
+    assert (first == IMAGE_TOKEN_INDEX).sum() == 1 and (second == IMAGE_TOKEN_INDEX).sum() == 1
+    text = tokenizer.decode(second[second != IMAGE_TOKEN_INDEX])
+    assert text.index("Is there a star?") < text.index("yes") < text.index("What color is it?")
+    assert text.rstrip().endswith(processor.template.assistant_prefix.strip())
 
 
 def test_vision_tower_loads_from_a_full_clip_checkpoint(model_config, tmp_path):

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow  # a real Prefect server, worker and a miniature f
 MINIATURE = {
     "overrides": [
         "world.n_images=24",
+        "zoo.tower_scenes=16",
+        "zoo.tower_epochs=1",
         "detector.train.epochs=1",
         "detector.train.min_map50=0",  # one epoch cannot detect; the quality bar is the demo's
         "detector.conf=0.01",

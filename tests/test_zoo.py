@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import open_clip
 import torch
@@ -56,6 +57,38 @@ def test_build_zoo_is_idempotent(tiny_zoo, caplog):
     settings = json.loads((tiny_zoo / "zoo.json").read_text())
     before = (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level("INFO"):
-        build_zoo(tiny_zoo, settings["world"], settings["high_res"], settings["low_res"], settings["max_length"])
+        build_zoo(tiny_zoo, settings["world"], settings["high_res"], settings["low_res"], settings["max_length"],
+                  settings["tower_scenes"], settings["tower_epochs"])
     assert "skipping" in caplog.text
     assert (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_object_crops_centre_each_box_in_its_window():
+    from mgllava.tower_pretraining import CLASSES, object_crops, render_scenes
+
+    scenes = render_scenes(3, "test/crops", 256, mean=(0.5,) * 3, std=(0.5,) * 3)
+    crops, boxes, classes = object_crops(scenes, crop=96, rng=random.Random(0))
+    n_objects = sum(len(b) for b in scenes.boxes)
+    assert crops.shape == (n_objects, 3, 96, 96) and boxes.shape == (n_objects, 4) and len(classes) == n_objects
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert ((centres - 48).abs() <= 96 / 8 + 1).all()  # jittered by at most crop / 8
+    assert classes.max() < len(CLASSES)
+    # the window shows the object: its box area differs from the padding (zeros after normalisation)
+    x1, y1, x2, y2 = boxes[0].round().int().tolist()
+    assert crops[0, :, y1:y2, x1:x2].abs().sum() > 0
+
+
+def test_patch_targets_mark_the_patches_a_box_overlaps():
+    from mgllava.tower_pretraining import CLASSES, RenderedScenes, patch_targets
+
+    scenes = RenderedScenes(torch.zeros(1, 3, 256, 256), [torch.tensor([[40.0, 0.0, 70.0, 20.0]])],
+                            [torch.tensor([5])])
+    targets = patch_targets(scenes, high_res=256, grid=8).view(8, 8, len(CLASSES))  # 32 px cells
+    assert targets[..., 5].nonzero().tolist() == [[0, 1], [0, 2]]
+    assert targets.sum() == 2
+
+
+def test_zoo_reports_the_towers_held_out_accuracy(tiny_zoo):
+    towers = json.loads((tiny_zoo / "zoo.json").read_text())["towers"]
+    for name in ("convnext_color_acc", "convnext_shape_acc", "convnext_class_acc", "clip_patch_recall"):
+        assert 0.0 <= towers[name] <= 1.0

@@ -3,9 +3,10 @@
 The detector (the configuration's, or given weights / a model YAML) runs once on the
 image; its boxes, in original-image pixels, are printed and passed to
 ``MGLLaVA.generate`` with every question (the model applies its own NMS and per-category
-cap, as in training). ``MGLLaVA.generate`` answers one question at a time with no chat
-history, so an interactive session asks any number of questions about the same image,
-each answered on its own, with the model and boxes loaded once.
+cap, as in training). A session is one conversation: each question is asked after the
+earlier questions and answers (the chat template's multi-turn format, the image in the
+first turn), so ``--interactive`` is a multi-turn chat about the image, with the model and
+boxes loaded once.
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ class ChatSession:
         self.detections = detector.predict([np.asarray(self.image)[:, :, ::-1].copy()])[0]
         self.model = load_model(model_dir, device)
         self.max_new_tokens = max_new_tokens
+        self.history: list[tuple[str, str]] = []  # earlier (question, answer) turns
 
     def describe_boxes(self) -> str:
         return format_boxes(self.detections, self.detector_name)
 
     def ask(self, question: str) -> str:
-        return self.model.generate([self.image], [Boxes.from_detections(self.detections)], [question],
-                                   max_new_tokens=self.max_new_tokens)[0]
+        """The answer to ``question`` as the next turn of the conversation (which it joins)."""
+        answer = self.model.generate([self.image], [Boxes.from_detections(self.detections)], [question],
+                                     max_new_tokens=self.max_new_tokens, histories=[self.history])[0]
+        self.history.append((question, answer))
+        return answer
 
     def interact(self, lines: Iterable[str]) -> Iterator[tuple[str, str]]:
         """``(question, answer)`` for each non-empty line until EOF or ``exit``/``quit``."""

@@ -5,7 +5,7 @@
 - ``results [--checkpoint DIR] [--task NAME]``: the score table from the warehouse;
   ``results --sql "SELECT ..."``: any query, on a read-only connection (writes are refused).
 - ``chat --model DIR --image PATH "question"``: detect, print the boxes, answer;
-  ``--interactive``: questions from stdin until EOF or ``exit``.
+  ``--interactive``: a multi-turn chat, questions from stdin until EOF or ``exit``.
 
 Module import is light (no torch); the work is imported inside the handlers.
 """
@@ -77,8 +77,9 @@ def register_cli(subparsers) -> None:
         "chat",
         help="ask an exported model about an image (boxes from the detector are shown)",
         description="Run the detector on the image, print the boxes it found, and answer the question with "
-        "MG-LLaVA. --interactive reads one question per line from stdin until EOF or `exit` (each answered "
-        "on its own: the model has no chat history).",
+        "MG-LLaVA. --interactive reads one question per line from stdin until EOF or `exit`, a multi-turn "
+        "chat: each question is asked after the earlier questions and answers (a question given on the "
+        "command line opens it).",
     )
     add_config_args(chat)
     chat.add_argument("--model", required=True, help="exported MG-LLaVA directory")

@@ -218,16 +218,19 @@ class MGLLaVA(nn.Module):
         boxes: list[Boxes | None],
         questions: list[str],
         max_new_tokens: int = 32,
+        histories: list[list[tuple[str, str]]] | None = None,
     ) -> list[str]:
         """Greedy answers for a batch of (image or None, detections or None, question).
 
-        Prompts are the chat template with ``<image>\\n`` + question, left-padded; decoding
-        stops at the template's stop words or the EOS token, which are cut from the answer.
+        Prompts are the chat template with ``<image>\\n`` + the first question, after the
+        sample's earlier ``(question, answer)`` turns of ``histories`` if given, left-padded;
+        decoding stops at the template's stop words or the EOS token, which are cut from the answer.
         """
         processor, tokenizer = self.processor, self.processor.tokenizer
+        histories = histories or [[] for _ in questions]
         samples = []
-        for image, image_boxes, question in zip(images, boxes, questions, strict=True):
-            input_ids = processor.generation_prompt(question, with_image=image is not None)
+        for image, image_boxes, question, history in zip(images, boxes, questions, histories, strict=True):
+            input_ids = processor.generation_prompt(question, with_image=image is not None, history=history)
             sample = {"input_ids": input_ids, "pixel_values": torch.zeros(0, 3, 1, 1), "boxes": []}
             if image is not None:
                 pixel_values, mapped = processor.process_image(image, image_boxes)

@@ -120,10 +120,16 @@ class MGLLaVAProcessor:
         input_ids, labels = input_ids[: self.max_text_length], labels[: self.max_text_length]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
-    def generation_prompt(self, question: str, with_image: bool) -> torch.Tensor:
-        """``input_ids`` (T,) of a one-question chat, ``<image>\\n`` first when there is an image."""
-        text = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
-        input_ids, _ = self.tokenize_conversation([("human", text)], add_generation_prompt=True)
+    def generation_prompt(
+        self, question: str, with_image: bool, history: list[tuple[str, str]] = ()
+    ) -> torch.Tensor:
+        """``input_ids`` (T,) of a chat ending in ``question``, after the earlier ``(question, answer)``
+        pairs of ``history``; ``<image>\\n`` opens the first question when there is an image."""
+        questions = [q for q, _ in history] + [question]
+        if with_image:
+            questions[0] = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"
+        turns = [turn for q, (_, a) in zip(questions, history) for turn in (("human", q), ("gpt", a))]
+        input_ids, _ = self.tokenize_conversation(turns + [("human", questions[-1])], add_generation_prompt=True)
         return input_ids
 
     # ------------------------------------------------------------------ records and batches
