@@ -1,14 +1,15 @@
 """Forward + backward time and memory of one MG-LLaVA training step, and object-feature memory.
 
-Measures, on the CPU, with random weights:
+Measures, on the CPU (or a GPU with ``--device cuda``), with random weights:
 
 1. ``tiny``: the tiny preset (zoo built in a temporary directory from a 24-image shapes world);
 2. ``full vision``: the full-size vision path (CLIP ViT-L/14-336, ConvNeXt-Large-D at 768,
    fusion 1024/1536, RoIAlign 56 over 2880 channels) with a small Llama as the LLM;
 3. object-feature memory at full size, ``direct`` vs ``lean`` (SPEC section 4): analytically
-   (the bytes of the tensors each method materialises at its peak) and empirically (the peak
-   RSS increase over the call, sampled by a background thread; torch allocations bypass
-   tracemalloc).
+   (the bytes of the tensors each method materialises at its peak) and empirically (on the CPU
+   the peak RSS increase over the call, sampled by a background thread, since torch
+   allocations bypass tracemalloc; on a GPU the peak increase of
+   ``torch.cuda.max_memory_allocated``).
 
 A step is one pretrain-stage forward + backward (trainable: fusion, projector, box projector)
 on ``--batch`` samples of one image with ``--boxes`` boxes each. Prints results; writes nothing
@@ -31,7 +32,13 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mgllava.model import MGLLaVA, MGLLaVAProcessor, pool_object_features  # noqa: E402
+from mgllava.model import (  # noqa: E402
+    HighResEncoder,
+    LowResEncoder,
+    MGLLaVA,
+    MGLLaVAProcessor,
+    pool_object_features,
+)
 
 MiB = 2**20
 
@@ -62,6 +69,24 @@ class PeakRSS:
         self.peak_increase = self.peak - self.baseline
 
 
+class PeakCUDA:
+    """Peak increase of ``torch.cuda.max_memory_allocated`` (bytes) over a ``with`` block."""
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.peak_increase = torch.cuda.max_memory_allocated() - self.baseline
+
+
+def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
+    return PeakCUDA() if device.type == "cuda" else PeakRSS()
+
+
 def build_tiny(root: Path) -> MGLLaVA:
     from mgllava.config import load_config
     from mgllava.world import generate_world
@@ -72,16 +97,12 @@ def build_tiny(root: Path) -> MGLLaVA:
     return MGLLaVA.from_config(load_config("tiny", overrides=[f"work_dir={root}"]).model)
 
 
-def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
-    """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
+def full_size_encoders() -> tuple[LowResEncoder, HighResEncoder]:
+    """The full-size frozen towers with random weights (SPEC section 2): CLIP ViT-L/14-336
+    (penultimate layer) and the ConvNeXt trunk of OpenCLIP ``convnext_large_d_320``."""
     import open_clip
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from mgllava.model import HighResEncoder, LowResEncoder
-
-    config = tiny.config.model_copy(deep=True)
-    config.vision.high_res, config.vision.low_res, config.roi_output = 768, 336, 56
-    config.max_length = 2048
     clip = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=1024,
@@ -93,6 +114,17 @@ def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
         )
     )
     trunk = open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk
+    return LowResEncoder(clip, -2), HighResEncoder(trunk)
+
+
+def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
+    """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = tiny.config.model_copy(deep=True)
+    config.vision.high_res, config.vision.low_res, config.roi_output = 768, 336, 56
+    config.max_length = 2048
+    low_res_encoder, high_res_encoder = full_size_encoders()
     tokenizer = tiny.processor.tokenizer
     llm = LlamaForCausalLM(
         LlamaConfig(
@@ -113,7 +145,7 @@ def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
         tiny.processor.image_std,
         max_text_length=2048 - 576,
     )
-    return MGLLaVA(config, llm, processor, LowResEncoder(clip, -2), HighResEncoder(trunk))
+    return MGLLaVA(config, llm, processor, low_res_encoder, high_res_encoder)
 
 
 def random_boxes(n: int, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -140,15 +172,17 @@ def make_batch(model: MGLLaVA, batch_size: int, n_boxes: int) -> dict:
 
 
 def time_step(model: MGLLaVA, batch: dict, reps: int) -> tuple[float, int]:
-    """Median seconds per sample of forward + backward, and the peak RSS increase of one step."""
+    """Median seconds per sample of forward + backward, and the peak memory increase of one step."""
     model.set_stage("pretrain")
     model.train()
     times, peak = [], 0
     for _ in range(reps + 1):  # the first step warms up
         model.zero_grad(set_to_none=True)
-        with PeakRSS() as memory:
+        with peak_memory(model.device) as memory:
             start = time.perf_counter()
             model(**batch).loss.backward()
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = max(peak, memory.peak_increase)
     per_sample = sorted(times[1:])[len(times[1:]) // 2] / len(batch["input_ids"])
@@ -157,7 +191,7 @@ def time_step(model: MGLLaVA, batch: dict, reps: int) -> tuple[float, int]:
 
 def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
     side, roi = model.config.vision.high_res, model.config.roi_output
-    pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(model.device)
     boxes = [random_boxes(n_boxes, side, torch.Generator().manual_seed(2))]
     with torch.no_grad():
         stage_maps = model.high_res_encoder(pixel_values)
@@ -174,7 +208,7 @@ def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
     lean_bytes = bytes_per * n_boxes * max(channels) * roi**2
     measured = {}
     for method in ("lean", "direct", "lean", "direct")[: 2 * max(1, min(reps, 2))]:
-        with torch.no_grad(), PeakRSS() as memory:
+        with torch.no_grad(), peak_memory(model.device) as memory:
             pool_object_features(stage_maps, boxes, side, roi, method)
         measured[method] = max(measured.get(method, 0), memory.peak_increase)
     print(f"\nobject features at {side}px, {n_boxes} boxes, channels {channels}, RoIAlign {roi}x{roi}:")
@@ -183,7 +217,7 @@ def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
         f"ratio direct/lean {direct_bytes / lean_bytes:5.1f}x"
     )
     print(
-        f"  measured RSS   direct {measured['direct'] / MiB:8.1f} MiB   lean {measured['lean'] / MiB:8.1f} MiB   "
+        f"  measured {'CUDA' if model.device.type == 'cuda' else 'RSS '}  direct {measured['direct'] / MiB:8.1f} MiB   lean {measured['lean'] / MiB:8.1f} MiB   "
         f"ratio direct/lean {measured['direct'] / max(measured['lean'], 1):5.1f}x"
     )
 
@@ -192,7 +226,8 @@ def report(name: str, model: MGLLaVA, batch: dict, reps: int) -> None:
     seconds, peak = time_step(model, batch, reps)
     tokens = model.prepare_inputs(**batch).attention_mask.sum(1).tolist()
     print(
-        f"{name:<12} forward+backward {seconds:7.2f} s/sample   peak RSS increase {peak / MiB:8.1f} MiB/sample   "
+        f"{name:<12} forward+backward {seconds:7.3f} s/sample   "
+        f"peak {'CUDA' if model.device.type == 'cuda' else 'RSS'} increase {peak / MiB:8.1f} MiB/sample   "
         f"sequence lengths {tokens}"
     )
 
@@ -210,16 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         "--llm-width", type=int, default=256, help="hidden size of the small LLM at full size"
     )
     parser.add_argument("--skip-full", action="store_true", help="only the tiny preset")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (fp32 on the GPU)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {name}")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = build_tiny(Path(tmp))
+        tiny = build_tiny(Path(tmp)).to(device)
         report("tiny", tiny, make_batch(tiny, args.batch, args.boxes), args.reps)
         print(tiny.trainable_summary())
         if not args.skip_full:
-            full = build_full_vision(tiny, args.llm_width)
+            full = build_full_vision(tiny, args.llm_width).to(device)
             report("full vision", full, make_batch(full, args.batch, args.boxes), args.reps)
             print(full.trainable_summary())
             object_feature_memory(full, args.boxes, args.reps)
