@@ -251,36 +251,6 @@ def breakdown(model: MGLLaVA, batch: dict, dtype: torch.dtype | None, reps: int 
     return parts
 
 
-def ensure_roi_align(device: torch.device, dtype: torch.dtype | None) -> str:
-    """Check that torchvision's ``roi_align`` runs in ``dtype`` on ``device``; if it does not (its CUDA
-    kernels cover float32, float64 and float16 only), route ``mgllava``'s RoIAlign through float32
-    and say so: the one deviation from the project's code path, reported with the results."""
-    from torchvision.ops import roi_align
-
-    import mgllava.model.object_features as object_features
-
-    if dtype is None:
-        return "native"
-    try:
-        roi_align(
-            torch.ones(1, 2, 8, 8, device=device, dtype=dtype),
-            [torch.tensor([[0.0, 0.0, 4.0, 4.0]], device=device, dtype=dtype)],
-            2,
-        )
-        return "native"
-    except (RuntimeError, NotImplementedError) as error:
-        message = str(error).splitlines()[0]
-
-    def roi_align_float32(input, boxes, *args, **kwargs):
-        boxes = [b.float() for b in boxes] if isinstance(boxes, list | tuple) else boxes.float()
-        return roi_align(input.float(), boxes, *args, **kwargs).to(input.dtype)
-
-    object_features.roi_align = roi_align_float32
-    note = f"roi_align fails in {dtype} on {device.type} ({message}); benchmark runs it in float32 (upcast, result cast back)"
-    print(f"NOTE: {note}", flush=True)
-    return note
-
-
 def matmul_tflops(device: torch.device) -> float | None:
     """Measured bf16 rate of an 8192^3 matrix product (random data; median of 10 after 3 warm-ups)."""
     if device.type != "cuda":
@@ -374,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         zero_stage=2,
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(stage.precision))
-    roi_align_mode = ensure_roi_align(device, dtype)
 
     # FLOPs: one counted forward + backward (before the engine; the grads are dropped), and the analytic count
     first = collate([dataset[i] for i in range(args.micro_batch)])
@@ -440,7 +409,6 @@ def main(argv: list[str] | None = None) -> int:
         "step_s_max": max(seconds),
         "samples_per_s": samples_per_s,
         "llm_tokens_per_s": samples_per_s * llm_tokens,
-        "roi_align": roi_align_mode,
         "loss_first_last": [result.metrics[0].loss, result.metrics[-1].loss],
         "peak_allocated_gib": peak / GiB if peak else None,
         "peak_reserved_gib": reserved / GiB if reserved else None,

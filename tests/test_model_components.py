@@ -158,6 +158,17 @@ def test_box_pools_the_stage_features_it_covers(method):
         torch.testing.assert_close(pooled[row], expected)
 
 
+@pytest.mark.parametrize("method", ["direct", "lean"])
+def test_object_features_in_bfloat16(method):
+    """bfloat16 maps (GPU training) pool as float32 ones do, returned in bfloat16 (roi_align has no bf16 kernel)."""
+    maps = [m + torch.rand_like(m) for m in _block_stage_maps()]
+    boxes = [torch.tensor([[80.0, 80.0, 112.0, 112.0], [3.0, 150.0, 35.0, 171.0]])]
+    (expected,) = pool_object_features(maps, boxes, 256, output_size=7, method=method)
+    (pooled,) = pool_object_features([m.bfloat16() for m in maps], boxes, 256, output_size=7, method=method)
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled.float(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_object_features_with_no_boxes():
     maps = _block_stage_maps()
     pooled = pool_object_features(maps, [torch.zeros(0, 4)], 256, output_size=7)

@@ -31,9 +31,16 @@ ObjectFeatureMethod = Literal["direct", "lean"]
 
 
 def _roi_mean(feature_map: torch.Tensor, boxes: list[torch.Tensor], scale: float, output_size: int):
-    """Mean RoIAlign cell of each box: (B, C, h, w) and B lists of (K_i, 4) -> (sum K_i, C)."""
-    pooled = roi_align(feature_map, boxes, output_size, spatial_scale=scale, aligned=True)  # (ΣK, C, R, R)
-    return pooled.mean(dim=(2, 3))
+    """Mean RoIAlign cell of each box: (B, C, h, w) and B lists of (K_i, 4) -> (sum K_i, C).
+
+    torchvision's ``roi_align`` has no bfloat16 kernel (CPU or CUDA): a bfloat16 map is
+    pooled in float32 and the result returned in bfloat16.
+    """
+    compute = torch.float32 if feature_map.dtype == torch.bfloat16 else feature_map.dtype
+    pooled = roi_align(
+        feature_map.to(compute), [b.to(compute) for b in boxes], output_size, spatial_scale=scale, aligned=True
+    )  # (ΣK, C, R, R)
+    return pooled.mean(dim=(2, 3)).to(feature_map.dtype)
 
 
 def pool_object_features(
@@ -52,7 +59,7 @@ def pool_object_features(
     total_channels = sum(m.shape[1] for m in stage_maps)
     if sum(counts) == 0:
         return [stage_maps[0].new_zeros(0, total_channels) for _ in boxes]
-    boxes = [b.to(stage_maps[0]) for b in boxes]
+    boxes = [b.to(device=stage_maps[0].device, dtype=torch.float32) for b in boxes]  # pixel coordinates
     if method == "direct":
         stage1_grid = stage_maps[0].shape[-2:]
         resized = [

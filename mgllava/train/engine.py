@@ -72,13 +72,14 @@ def resolve_precision(precision: str) -> str:
 
 
 def to_device(batch, device, dtype: torch.dtype | None = None):
-    """Move tensors (in dicts/lists) to ``device``; floating tensors to ``dtype`` if given."""
+    """Move tensors (in dicts/lists) to ``device``; floating tensors to ``dtype`` if given, except
+    the ``boxes`` (pixel coordinates stay float32: bfloat16 holds 768 only to the nearest 4)."""
     if isinstance(batch, torch.Tensor):
         if dtype is not None and batch.is_floating_point():
             return batch.to(device=device, dtype=dtype)
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+        return {k: to_device(v, device, None if k == "boxes" else dtype) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
         return type(batch)(to_device(v, device, dtype) for v in batch)
     return batch
