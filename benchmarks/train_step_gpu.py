@@ -73,9 +73,8 @@ from mgllava.model import (  # noqa: E402
     MGLLaVAProcessor,
     downsample,
 )
+from mgllava.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GiB = 2**30
 
 # name -> (high_res, low_res, roi_output, max_length, Llama config kwargs)

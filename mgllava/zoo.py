@@ -5,9 +5,9 @@ with exactly the calls it uses for the real checkpoints:
 
 - ``llm/``: a tiny Llama-architecture ``LlamaForCausalLM`` and a byte-level BPE
   tokenizer, both trained on the shapes world's text (the LLM as a language model, on the
-  conversations with their replies shuffled among questions of the same kind: the stand-in
-  for a real LLM's text pretraining, which knows the words and answer formats but has never
-  seen these images), saved with ``save_pretrained``
+  training conversations with each image replaced by its caption: the stand-in for a real
+  LLM's text pretraining, which can answer questions about a scene described in words but
+  has never seen these images), saved with ``save_pretrained``
   (loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), as
   Vicuna, Llama-3, Phi-3 and Yi are;
 - ``clip/``: a tiny ``CLIPVisionModel`` with its ``CLIPImageProcessor``, the
@@ -17,8 +17,10 @@ with exactly the calls it uses for the real checkpoints:
   the hub's ``laion/CLIP-convnext_large_d_320.*`` repositories, loaded by
   ``open_clip.create_model("local-dir:" + path)``.
 
-Sizes follow the ``tiny`` preset: CLIP at ``low_res`` with patch 14, ConvNeXt
-at ``high_res``. Everything is seeded, so the zoo is reproducible.
+Both vision towers are pretrained before they are saved (the stand-in for CLIP's own
+pretraining, :mod:`mgllava.tower_pretraining`): the ConvNeXt names rendered objects, the
+CLIP ViT is distilled from it. Sizes follow the ``tiny`` preset: CLIP at ``low_res`` with
+patch 14, ConvNeXt at ``high_res``. Everything is seeded, so the zoo is reproducible.
 """
 
 from __future__ import annotations
@@ -38,39 +40,32 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _world_conversations(world_dir: Path, shuffle_answers: bool) -> list[list[tuple[str, str]]]:
-    """The world's conversations as ``[(role, text), ...]``.
+def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tuple[str, str]]]:
+    """The world's conversations (pretraining captions, then instructions) as ``[(role, text), ...]``.
 
-    With ``shuffle_answers`` every reply is swapped for the reply to another question of the
-    same kind (same first three words, e.g. "How many squares"): the text keeps the world's
-    words and answer formats but no longer says what any image shows, so a language model
-    pretrained on it learns the format, not the answers.
+    With ``describe_images`` each ``<image>`` placeholder is replaced by the image's caption
+    (from ``pretrain.json``): the scene is told in words instead of shown. A language model
+    pretrained on that text learns to answer questions about, and to repeat, a scene
+    described to it, the reading skill a real LLM brings, without ever seeing an image.
     """
     records = [r for name in ("pretrain.json", "instruct.json") for r in json.loads((world_dir / name).read_text())]
     conversations = [[(t["from"], t["value"]) for t in r["conversations"]] for r in records]
-    if shuffle_answers:
-        import random
-
-        by_kind: dict[str, list[tuple[int, int]]] = {}
-        for c, turns in enumerate(conversations):
-            for t in range(1, len(turns), 2):
-                kind = " ".join(turns[t - 1][1].replace(IMAGE_PLACEHOLDER, "").split()[:3])
-                by_kind.setdefault(kind, []).append((c, t))
-        rng = random.Random(0)
-        for slots in by_kind.values():
-            replies = [conversations[c][t][1] for c, t in slots]
-            rng.shuffle(replies)
-            for (c, t), reply in zip(slots, replies):
-                conversations[c][t] = (conversations[c][t][0], reply)
+    if describe_images:
+        captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((world_dir / "pretrain.json").read_text())}
+        conversations = [
+            [(role, text.replace(IMAGE_PLACEHOLDER, captions[record["image"]])) for role, text in turns]
+            for record, turns in zip(records, conversations)
+            if record.get("image") in captions
+        ]
     return conversations
 
 
-def _world_texts(world_dir: Path, template_names: list[str] | None = None, shuffle_answers: bool = False) -> Iterator[str]:
+def _world_texts(world_dir: Path, template_names: list[str] | None = None, describe_images: bool = False) -> Iterator[str]:
     """The world's conversations rendered in the chat templates (all by default), and its numbers."""
     from mgllava.templates import TEMPLATES
 
     templates = [TEMPLATES[name] for name in template_names or TEMPLATES]
-    for index, turns in enumerate(_world_conversations(world_dir, shuffle_answers)):
+    for index, turns in enumerate(_world_conversations(world_dir, describe_images)):
         yield "".join(s.text for s in templates[index % len(templates)].render(turns))
     for line in (world_dir / "annotations.jsonl").read_text().splitlines():
         if line.strip() and json.loads(line).get("text"):
@@ -114,7 +109,7 @@ def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicu
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    texts = list(_world_texts(world_dir, [template], shuffle_answers=True))
+    texts = list(_world_texts(world_dir, [template], describe_images=True))
     losses = pretrain_on_text(model, tokenizer, texts)
     log.info("tiny LLM text pretraining: loss %.3f -> %.3f", losses[0], losses[-1])
     model.save_pretrained(out)
@@ -133,6 +128,8 @@ def pretrain_on_text(
     """
     import torch
 
+    from mgllava.tower_pretraining import fit
+
     stream = []
     for text in texts:
         stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -141,19 +138,13 @@ def pretrain_on_text(
     generator = torch.Generator().manual_seed(0)
     blocks = torch.cat([blocks[torch.randperm(n_blocks, generator=generator)] for _ in range(epochs)])
     steps = max(1, len(blocks) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_of_step(step: int):
         input_ids = blocks[step * batch_size : (step + 1) * batch_size]
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    model.train()
+    losses = fit(model.parameters(), steps, 3e-3, loss_of_step, weight_decay=0.0)
     model.eval()
     return losses
 

@@ -78,17 +78,8 @@ def test_object_crops_centre_each_box_in_its_window():
     assert crops[0, :, y1:y2, x1:x2].abs().sum() > 0
 
 
-def test_patch_targets_mark_the_patches_a_box_overlaps():
-    from mgllava.tower_pretraining import CLASSES, RenderedScenes, patch_targets
-
-    scenes = RenderedScenes(torch.zeros(1, 3, 256, 256), [torch.tensor([[40.0, 0.0, 70.0, 20.0]])],
-                            [torch.tensor([5])])
-    targets = patch_targets(scenes, high_res=256, grid=8).view(8, 8, len(CLASSES))  # 32 px cells
-    assert targets[..., 5].nonzero().tolist() == [[0, 1], [0, 2]]
-    assert targets.sum() == 2
-
-
 def test_zoo_reports_the_towers_held_out_accuracy(tiny_zoo):
     towers = json.loads((tiny_zoo / "zoo.json").read_text())["towers"]
-    for name in ("convnext_color_acc", "convnext_shape_acc", "convnext_class_acc", "clip_patch_recall"):
+    for name in ("convnext_color_acc", "convnext_shape_acc", "convnext_class_acc"):
         assert 0.0 <= towers[name] <= 1.0
+    assert towers["clip_distill_r2"] <= 1.0
