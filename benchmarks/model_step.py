@@ -33,11 +33,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mgllava.model import (  # noqa: E402
-    HighResEncoder,
-    LowResEncoder,
     MGLLaVA,
     MGLLaVAProcessor,
     pool_object_features,
+    random_full_size_encoders,
 )
 
 MiB = 2**20
@@ -97,26 +96,6 @@ def build_tiny(root: Path) -> MGLLaVA:
     return MGLLaVA.from_config(load_config("tiny", overrides=[f"work_dir={root}"]).model)
 
 
-def full_size_encoders() -> tuple[LowResEncoder, HighResEncoder]:
-    """The full-size frozen towers with random weights (SPEC section 2): CLIP ViT-L/14-336
-    (penultimate layer) and the ConvNeXt trunk of OpenCLIP ``convnext_large_d_320``."""
-    import open_clip
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-        )
-    )
-    trunk = open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk
-    return LowResEncoder(clip, -2), HighResEncoder(trunk)
-
-
 def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
     """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,7 +103,7 @@ def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
     config = tiny.config.model_copy(deep=True)
     config.vision.high_res, config.vision.low_res, config.roi_output = 768, 336, 56
     config.max_length = 2048
-    low_res_encoder, high_res_encoder = full_size_encoders()
+    low_res_encoder, high_res_encoder = random_full_size_encoders()
     tokenizer = tiny.processor.tokenizer
     llm = LlamaForCausalLM(
         LlamaConfig(

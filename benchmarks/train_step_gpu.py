@@ -2,7 +2,7 @@
 
 The model is the full-size vision path of SPEC section 2 with random weights (CLIP
 ViT-L/14-336 and the OpenCLIP ConvNeXt-Large-D-320 trunk, built by
-``model_step.full_size_encoders``; high-res 768, low-res 336, RoIAlign 56 over 2880
+``mgllava.model.random_full_size_encoders``; high-res 768, low-res 336, RoIAlign 56 over 2880
 channels, ``direct`` object features) around a Llama-shaped LLM of about 1B parameters
 (hidden 2048, 16 layers, 32 heads, MLP 5632, vocabulary 32000; random weights). It is
 trained by the project's own loop, :func:`mgllava.train.engine.run_stage`: a DeepSpeed
@@ -61,7 +61,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for mgllava
 
-from model_step import full_size_encoders, random_boxes  # noqa: E402  (benchmarks/model_step.py)
+from model_step import random_boxes  # noqa: E402  (benchmarks/model_step.py)
 
 from mgllava.config import LLMConfig, ModelConfig, StageConfig, VisionConfig  # noqa: E402
 from mgllava.model import (  # noqa: E402
@@ -72,6 +72,7 @@ from mgllava.model import (  # noqa: E402
     MGLLaVA,
     MGLLaVAProcessor,
     downsample,
+    random_full_size_encoders,
 )
 from mgllava.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
 
@@ -142,7 +143,7 @@ def build_model(size: str, stage: str, device: torch.device, object_features: st
     )
     torch.manual_seed(0)
     with device:  # initialise the random weights where they will live
-        low_res_encoder, high_res_encoder = full_size_encoders() if size == "full" else tiny_encoders()
+        low_res_encoder, high_res_encoder = random_full_size_encoders() if size == "full" else tiny_encoders()
         llm = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs))
     n_image_tokens = low_res_encoder.grid**2
     # only ``collate`` is used (text is synthetic token ids): it needs the pad id alone

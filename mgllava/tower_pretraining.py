@@ -178,9 +178,10 @@ def pretrain_clip(clip, teacher_trunk, scenes: RenderedScenes, held_out: Rendere
     return {"clip_loss": losses[-1], "clip_distill_r2": 1.0 - residual}  # targets have unit variance
 
 
-def pretrain_towers(clip, convnext_trunk, high_res: int, low_res: int, select_layer: int = -2,
-                    n_scenes: int = 1200, epochs: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> dict[str, float]:
-    """Pretrain both towers in place on ``n_scenes`` rendered scenes; returns held-out accuracies."""
+def pretrain_towers(clip, convnext_trunk, high_res: int, low_res: int, *, mean, std, select_layer: int = -2,
+                    n_scenes: int = 1200, epochs: int = 3) -> dict[str, float]:
+    """Pretrain both towers in place on ``n_scenes`` rendered scenes, normalised with the towers'
+    ``mean``/``std``; returns held-out accuracies."""
     if n_scenes <= 0 or epochs <= 0:
         return {}
     scenes = render_scenes(n_scenes, "zoo/train", high_res, mean, std)

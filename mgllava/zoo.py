@@ -48,10 +48,11 @@ def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tu
     pretrained on that text learns to answer questions about, and to repeat, a scene
     described to it, the reading skill a real LLM brings, without ever seeing an image.
     """
-    records = [r for name in ("pretrain.json", "instruct.json") for r in json.loads((world_dir / name).read_text())]
+    pretrain = json.loads((world_dir / "pretrain.json").read_text())
+    records = pretrain + json.loads((world_dir / "instruct.json").read_text())
     conversations = [[(t["from"], t["value"]) for t in r["conversations"]] for r in records]
     if describe_images:
-        captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((world_dir / "pretrain.json").read_text())}
+        captions = {r["image"]: r["conversations"][1]["value"] for r in pretrain}
         conversations = [
             [(role, text.replace(IMAGE_PLACEHOLDER, captions[record["image"]])) for role, text in turns]
             for record, turns in zip(records, conversations)

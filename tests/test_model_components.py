@@ -19,9 +19,7 @@ from mgllava.model import (
     prepare_boxes,
     prepare_inputs_labels_for_multimodal,
 )
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mgllava.zoo import CLIP_MEAN, CLIP_STD
 
 # --------------------------------------------------------------------------- fusion
 

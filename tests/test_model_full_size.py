@@ -12,38 +12,23 @@ from PIL import Image
 from mgllava.model import (
     Boxes,
     ConvGateFusion,
-    HighResEncoder,
-    LowResEncoder,
     MLPProjector,
     downsample,
     image_to_pixel_values,
     pool_object_features,
     prepare_boxes,
+    random_full_size_encoders,
 )
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mgllava.zoo import CLIP_MEAN, CLIP_STD
 
 
 @pytest.mark.slow
 def test_full_size_vision_path():
-    import open_clip
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     start = time.perf_counter()
     torch.manual_seed(0)
-    clip_config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    )  # CLIP ViT-L/14-336
-    low_res_encoder = LowResEncoder(CLIPVisionModel(clip_config).eval(), select_layer=-2)
-    high_res_encoder = HighResEncoder(
-        open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk.eval()
-    )
+    low_res_encoder, high_res_encoder = random_full_size_encoders()  # CLIP ViT-L/14-336, ConvNeXt-L-320
+    low_res_encoder.eval()
+    high_res_encoder.eval()
     assert high_res_encoder.stage_channels == [192, 384, 768, 1536]
 
     noise = torch.randint(

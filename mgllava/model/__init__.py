@@ -20,6 +20,7 @@ from mgllava.model.vision import (
     load_high_res_encoder,
     load_low_res_encoder,
     pad_to_square,
+    random_full_size_encoders,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "pad_to_square",
     "pool_object_features",
     "prepare_boxes",
+    "random_full_size_encoders",
     "prepare_inputs_labels_for_multimodal",
     "square_padding",
 ]

@@ -109,6 +109,26 @@ def load_high_res_encoder(convnext_path: str | Path) -> HighResEncoder:
     return HighResEncoder(model.visual.trunk)
 
 
+def random_full_size_encoders(select_layer: int = -2) -> tuple[LowResEncoder, HighResEncoder]:
+    """The full-size towers of SPEC section 2 with random weights (no download): CLIP ViT-L/14-336
+    and the ConvNeXt trunk of OpenCLIP ``convnext_large_d_320``; for shape checks and benchmarks."""
+    import open_clip
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        )
+    )
+    trunk = open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk
+    return LowResEncoder(clip, select_layer), HighResEncoder(trunk)
+
+
 def load_image_normalisation(clip_path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` from the CLIP directory's ``CLIPImageProcessor``."""
     from transformers import CLIPImageProcessor
