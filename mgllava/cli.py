@@ -19,7 +19,7 @@ from mgllava.config import ConfigError, list_presets, load_config
 SUBCOMMAND_MODULES = (
     "mgllava.world",
     "mgllava.zoo",
-    "mgllava.reader_probe",
+    "mgllava.reader",
     "detector.cli",
     "mgllava.train.cli",
     "mgllava.eval.cli",

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from mgllava.reader_probe import ReaderProbe, ideal_features, probe_reader, sample_items
+from mgllava.reader import ReaderProbe, ideal_features, probe_reader, sample_items
 from mgllava.world.render import COLORS, SHAPES
 
 
@@ -29,7 +29,7 @@ def test_ideal_features_are_one_hot_colour_then_shape():
 
 
 def test_batch_splices_one_token_per_object_and_marks_the_answer(tiny_zoo):
-    probe = ReaderProbe(tiny_zoo / "llm", "vicuna_v1")
+    probe = ReaderProbe.from_pretrained(tiny_zoo / "llm", "vicuna_v1")
     items = sample_items(random.Random(1), 4)
     batch = probe.batch(items)
     inputs = batch["inputs"]
@@ -57,3 +57,18 @@ def test_probe_trains_and_reports_held_out_accuracy(tiny_zoo):
     assert [point["step"] for point in history] == [0, 2, 4]
     assert all(0.0 <= point["accuracy"] <= 1.0 for point in history)
     assert all(torch.isfinite(torch.tensor(point["loss"])) for point in history[1:])
+
+
+def test_bare_prompt_asks_the_same_pair_right_after_the_objects(tiny_zoo):
+    from mgllava.model.splice import IMAGE_TOKEN_INDEX
+
+    probe = ReaderProbe.from_pretrained(tiny_zoo / "llm", "vicuna_v1")
+    item = sample_items(random.Random(2), 1)[0]
+    tokenizer = probe.processor.tokenizer
+    full_ids, _ = probe._tokenize(item, bare=False)
+    bare_ids, bare_labels = probe._tokenize(item, bare=True)
+    assert (bare_ids == IMAGE_TOKEN_INDEX).sum() == 1 and len(bare_ids) < len(full_ids) / 2
+    pair = " ".join(item.question.split("?")[0].split()[-2:])
+    after_image = bare_ids[int((bare_ids == IMAGE_TOKEN_INDEX).nonzero()) + 1 :]
+    assert tokenizer.decode(after_image[bare_labels[-len(after_image) :] == -100]).strip() == f"{pair}?"
+    assert tokenizer.decode(bare_ids[bare_labels != -100]).strip() == f"{item.answer}</s>"
