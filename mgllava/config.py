@@ -105,11 +105,6 @@ class ZooConfig(_Section):
         1200, ge=0, description="rendered scenes the tiny vision towers are pretrained on (0: random towers)"
     )
     tower_epochs: int = Field(3, ge=0, description="epochs of that pretraining")
-    reader_steps: int = Field(
-        3600,
-        ge=0,
-        description="steps teaching the tiny LLM to read object tokens (mgllava/reader.py; 0: text pretraining only)",
-    )
 
 
 class DataConfig(_Section):

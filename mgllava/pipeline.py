@@ -66,8 +66,7 @@ def prepare_world_and_zoo(config: Config) -> dict:
     if not Path(config.model.llm.path).exists() or (zoo / "zoo.json").exists():  # absent, or ours: (re)build
         vision = config.model.vision
         build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length,
-                  tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs,
-                  reader_steps=config.zoo.reader_steps)
+                  tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs)
     return {"world": str(world), "zoo": str(zoo)}
 
 

@@ -1,27 +1,26 @@
-"""The LLM's object-reading skill: can it look a (colour, shape) pair up among object tokens?
+"""Can this LLM learn to read object tokens? The language side of "it learns", measured alone.
 
 MG-LLaVA answers "Is there a red circle in the image?" from one token per object box.
 That needs two things: vision features that tell the objects apart (the tiny towers'
-held-out figures are in ``zoo.json``), and an LLM that can look the pair up among the
-object tokens and answer yes or no. A pretrained LLM brings that in-context skill; the
-tiny one does not (``mgllava probe-reader`` measures it). This module measures and trains
-the skill on its own, without pixels.
+held-out figures are in ``zoo.json``), and an LLM that can look the (colour, shape) pair up
+among the object tokens and answer yes or no. A pretrained LLM brings that in-context
+skill. ``mgllava probe-reader`` measures whether an LLM can learn it, with no pixels involved.
 
-Each object token is an *ideal* feature, one-hot colour and one-hot shape (the world's
-annotations), mapped by a trainable two-layer MLP to the LLM width and spliced where
-``<image>`` stands with the model's own splice
-(:func:`mgllava.model.splice.prepare_inputs_labels_for_multimodal`). The LLM and the MLP
-are trained together on the world's POPE questions ("random", "popular" and "adversarial"
-negatives, half of the questions "yes") about scenes sampled without rendering. A question
-comes in the *full* prompt, the chat template with lmms-eval's short-answer post-prompt, or
-in a *bare* one ("USER: <image> red circle?"): with the answer far from the question words,
-the full prompt alone stayed at chance for 2,000+ steps on the tiny LLM, while half bare
-questions let it learn (measured, see the README). Held-out accuracy is always measured on
-full prompts, by the answer token's logits.
+Each object token is an *ideal* feature: one-hot colour and one-hot shape, from the world's
+annotations. A trainable two-layer MLP maps it to the LLM width, and the model's own splice
+(:func:`mgllava.model.splice.prepare_inputs_labels_for_multimodal`) puts it where
+``<image>`` stands. The LLM and the MLP are trained together on the world's POPE
+questions about scenes sampled without rendering. The negatives follow the "random",
+"popular" and "adversarial" strategies, and half of the questions are "yes".
 
-``mgllava zoo`` runs :func:`train_reader` on the tiny LLM after its text pretraining and
-keeps the LLM (the MLP is dropped: the model's box projector must learn to map real box
-features into what the LLM now reads).
+A training question comes in one of two prompts:
+
+- *full*: the chat template with lmms-eval's short-answer post-prompt;
+- *bare*: "USER: <image> red circle?", for the ``bare_share`` of questions asked that way.
+
+Held-out accuracy is always measured on full prompts, by comparing the logits of the two
+answer tokens. If an LLM cannot learn this from perfect features, no vision tower will make
+the full model learn it. The README gives what was measured on the tiny LLM.
 """
 
 from __future__ import annotations
@@ -96,7 +95,9 @@ class ReaderProbe:
     def from_pretrained(cls, llm_path: str | Path, template: str) -> ReaderProbe:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return cls(AutoModelForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path), template)
+        return cls(
+            AutoModelForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path), template
+        )
 
     def _tokenize(self, item: ProbeItem, bare: bool):
         """``input_ids``, ``labels`` (T,) of one question and its answer, in the full or the bare prompt."""
@@ -108,10 +109,18 @@ class ReaderProbe:
             return self.processor.tokenize_conversation(
                 [("human", f"{IMAGE_PLACEHOLDER}\n{item.question}"), ("gpt", item.answer)]
             )
-        words = item.question.split("?")[0].split()[-2:]  # "Is there a red circle in the image?" -> red circle
+        words = item.question.split("?")[0].split()[
+            -2:
+        ]  # "Is there a red circle in the image?" -> red circle
         tokenizer = self.processor.tokenizer
-        prompt = [tokenizer.bos_token_id, *self.processor._encode(f"USER: {IMAGE_PLACEHOLDER} {' '.join(words)}?")]
-        answer = [*tokenizer(f" {item.answer}", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        prompt = [
+            tokenizer.bos_token_id,
+            *self.processor._encode(f"USER: {IMAGE_PLACEHOLDER} {' '.join(words)}?"),
+        ]
+        answer = [
+            *tokenizer(f" {item.answer}", add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
         return torch.tensor(prompt + answer), torch.tensor([-100] * len(prompt) + answer)
 
     def parameters(self):
@@ -211,8 +220,12 @@ def train_reader(
         if (step + 1) % every == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": loss.item(), "accuracy": reader.accuracy(held_out)})
             bar.set_postfix(loss=f"{loss.item():.3f}", held_out=f"{history[-1]['accuracy']:.3f}")
-            log.info("object reading, step %d: loss %.3f, held-out accuracy %.3f",
-                     step + 1, loss.item(), history[-1]["accuracy"])
+            log.info(
+                "object reading, step %d: loss %.3f, held-out accuracy %.3f",
+                step + 1,
+                loss.item(),
+                history[-1]["accuracy"],
+            )
         return loss
 
     reader.llm.train()
@@ -242,8 +255,12 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, one-cycle (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step (default 16)")
-    parser.add_argument("--bare-share", type=float, default=0.0,
-                        help="share of training questions in the bare prompt (default 0: full prompts only)")
+    parser.add_argument(
+        "--bare-share",
+        type=float,
+        default=0.0,
+        help="share of training questions in the bare prompt (default 0: full prompts only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)

@@ -150,20 +150,6 @@ def pretrain_on_text(
     return losses
 
 
-def teach_object_reading(llm_dir: Path, llm, steps: int, template: str = "vicuna_v1") -> dict:
-    """Teach the tiny LLM to answer existence questions from object tokens (:mod:`mgllava.reader`,
-    half of the questions in the bare prompt) and save it again; return its held-out accuracy
-    (full prompts) before and after."""
-    from transformers import AutoTokenizer
-
-    from mgllava.reader import ReaderProbe, train_reader
-
-    history = train_reader(ReaderProbe(llm, AutoTokenizer.from_pretrained(llm_dir), template), steps, bare_share=0.5)
-    llm.save_pretrained(llm_dir)
-    log.info("tiny LLM object reading: held-out accuracy %.3f -> %.3f", history[0]["accuracy"], history[-1]["accuracy"])
-    return {"steps": steps, "accuracy_before": history[0]["accuracy"], "accuracy_after": history[-1]["accuracy"]}
-
-
 def build_clip(out: Path, image_size: int):
     """A tiny ``CLIPVisionModel`` (random weights) saved in the Hugging Face layout."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -245,15 +231,12 @@ def build_zoo(
     max_length: int,
     tower_scenes: int = 0,
     tower_epochs: int = 0,
-    reader_steps: int = 0,
 ) -> Path:
     """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete.
 
     The vision towers are pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
-    epochs (:mod:`mgllava.tower_pretraining`), and after its text pretraining the LLM is
-    taught to read object tokens for ``reader_steps`` steps (:mod:`mgllava.reader`). 0, the
-    default here, skips either; the configuration's ``zoo`` section sets them for ``mgllava
-    zoo`` and the pipeline.
+    epochs (:mod:`mgllava.tower_pretraining`; 0, the default here, leaves them random; the
+    configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline).
     """
     import torch
 
@@ -262,23 +245,22 @@ def build_zoo(
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
     settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir),
-                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs, "reader_steps": reader_steps}
+                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs}
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
         log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
         return out_dir
     if not (world_dir / "instruct.json").exists():
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
-    llm, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
-    reading = teach_object_reading(out_dir / "llm", llm, reader_steps) if reader_steps else None
+    _, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
     clip = build_clip(out_dir / "clip", low_res)
     convnext = build_convnext(out_dir / "convnext", high_res)
     towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=tower_scenes,
                              epochs=tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
     save_clip(out_dir / "clip", clip, low_res)
     save_convnext(out_dir / "convnext", convnext)
-    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]],
-                                  "llm_object_reading": reading, "towers": towers}, indent=2))
+    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]], "towers": towers},
+                                 indent=2))
     log.info("tiny zoo written to %s", out_dir)
     return out_dir
 
@@ -309,7 +291,6 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
     vision = config.model.vision
     build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
-              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs,
-              reader_steps=config.zoo.reader_steps)
+              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs)
     print(f"zoo: {out} (llm/, clip/, convnext/)")
     return 0

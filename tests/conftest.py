@@ -35,8 +35,6 @@ def tiny_world(tmp_path_factory):
 
 TINY_TOWER_SCENES = 16
 """Vision-tower pretraining in the test zoos: a few scenes, so the code path runs, fast."""
-TINY_READER_STEPS = 2
-"""The same for teaching the tiny LLM to read object tokens."""
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +52,6 @@ def tiny_zoo(tiny_world):
         max_length=model.max_length,
         tower_scenes=TINY_TOWER_SCENES,
         tower_epochs=1,
-        reader_steps=TINY_READER_STEPS,
     )
 
 

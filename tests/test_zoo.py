@@ -9,8 +9,6 @@ import open_clip
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
-from conftest import TINY_READER_STEPS
-
 from mgllava.zoo import LOCAL_DIR_PREFIX, build_clip, build_convnext, build_llm
 
 
@@ -60,7 +58,7 @@ def test_build_zoo_is_idempotent(tiny_zoo, caplog):
     before = (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level("INFO"):
         build_zoo(tiny_zoo, settings["world"], settings["high_res"], settings["low_res"], settings["max_length"],
-                  settings["tower_scenes"], settings["tower_epochs"], settings["reader_steps"])
+                  settings["tower_scenes"], settings["tower_epochs"])
     assert "skipping" in caplog.text
     assert (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns == before
 
@@ -85,9 +83,3 @@ def test_zoo_reports_the_towers_held_out_accuracy(tiny_zoo):
     for name in ("convnext_color_acc", "convnext_shape_acc", "convnext_class_acc"):
         assert 0.0 <= towers[name] <= 1.0
     assert towers["clip_distill_r2"] <= 1.0
-
-
-def test_zoo_reports_the_llms_object_reading(tiny_zoo):
-    reading = json.loads((tiny_zoo / "zoo.json").read_text())["llm_object_reading"]
-    assert reading["steps"] == TINY_READER_STEPS
-    assert 0.0 <= reading["accuracy_before"] <= 1.0 and 0.0 <= reading["accuracy_after"] <= 1.0
