@@ -72,14 +72,15 @@ def ideal_features(objects: list[tuple[int, int]]):
 class ReaderProbe:
     """The LLM plus the object-token MLP, and batches of :class:`ProbeItem` in its chat template."""
 
-    def __init__(self, llm, tokenizer, template: str):
+    def __init__(self, llm, tokenizer, template: str, device: str = "cpu"):
         from mgllava.model.processing_mgllava import MGLLaVAProcessor
         from mgllava.model.projector import MLPProjector
         from mgllava.world.render import COLORS, SHAPES
 
-        self.llm = llm
+        self.device = device
+        self.llm = llm.to(device)
         width = self.llm.get_input_embeddings().embedding_dim
-        self.object_mlp = MLPProjector(len(COLORS) + len(SHAPES), width)
+        self.object_mlp = MLPProjector(len(COLORS) + len(SHAPES), width).to(device)
         # only the text side of the processor is used: no images go through it
         self.processor = MGLLaVAProcessor(
             tokenizer, template, high_res=1, image_mean=(0.0,), image_std=(1.0,), max_text_length=4096
@@ -92,12 +93,11 @@ class ReaderProbe:
         return int(ids[labels != -100][0]) if len(ids[labels != -100]) else -1
 
     @classmethod
-    def from_pretrained(cls, llm_path: str | Path, template: str) -> ReaderProbe:
+    def from_pretrained(cls, llm_path: str | Path, template: str, device: str = "cpu") -> ReaderProbe:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return cls(
-            AutoModelForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path), template
-        )
+        llm = AutoModelForCausalLM.from_pretrained(llm_path)
+        return cls(llm, AutoTokenizer.from_pretrained(llm_path), template, device)
 
     def _tokenize(self, item: ProbeItem, bare: bool):
         """``input_ids``, ``labels`` (T,) of one question and its answer, in the full or the bare prompt."""
@@ -144,8 +144,11 @@ class ReaderProbe:
                 row_labels,
                 1,
             )
-        object_tokens = [self.object_mlp(ideal_features(item.objects)) for item in items]  # B x (K_i, D)
+        object_tokens = [
+            self.object_mlp(ideal_features(item.objects).to(self.device)) for item in items
+        ]  # B x (K_i, D)
         no_image_tokens = [tokens[:0] for tokens in object_tokens]  # the probe has object tokens only
+        input_ids, attention_mask, labels = (t.to(self.device) for t in (input_ids, attention_mask, labels))
         inputs = prepare_inputs_labels_for_multimodal(
             input_ids, attention_mask, labels, self.llm.get_input_embeddings(), no_image_tokens, object_tokens
         )
@@ -178,7 +181,7 @@ class ReaderProbe:
                     attention_mask=inputs.attention_mask,
                     position_ids=inputs.position_ids,
                 ).logits  # (B, T, V)
-                at = logits[torch.arange(len(chunk)), batch["answer_at"]]  # (B, V)
+                at = logits[torch.arange(len(chunk), device=logits.device), batch["answer_at"]]  # (B, V)
                 says_yes = at[:, self.answer_ids["yes"]] > at[:, self.answer_ids["no"]]
                 correct += sum(bool(y) == (item.answer == "yes") for y, item in zip(says_yes, chunk))
         self.llm.train()
@@ -235,10 +238,12 @@ def train_reader(
     return history
 
 
-def probe_reader(llm_path: str | Path, template: str = "vicuna_v1", **train_args) -> list[dict]:
+def probe_reader(
+    llm_path: str | Path, template: str = "vicuna_v1", device: str = "cpu", **train_args
+) -> list[dict]:
     """:func:`train_reader` on a copy of the LLM at ``llm_path`` (nothing is saved); full prompts
     only unless ``bare_share`` is given."""
-    return train_reader(ReaderProbe.from_pretrained(llm_path, template), **train_args)
+    return train_reader(ReaderProbe.from_pretrained(llm_path, template, device), **train_args)
 
 
 def register_cli(subparsers) -> None:
@@ -262,6 +267,7 @@ def register_cli(subparsers) -> None:
         help="share of training questions in the bare prompt (default 0: full prompts only)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
 
@@ -272,14 +278,18 @@ def _run(args: argparse.Namespace) -> int:
     from mgllava.cli import config_from_args
 
     config = config_from_args(args)
+    llm = Path(args.llm or config.model.llm.path)
+    if not llm.is_dir():
+        raise SystemExit(f"mgllava probe-reader: no LLM directory at {llm}: run `mgllava zoo` or pass --llm DIR")
     history = probe_reader(
-        args.llm or config.model.llm.path,
+        llm,
         template=config.model.llm.template,
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,
         bare_share=args.bare_share,
         seed=args.seed,
+        device=args.device,
         progress=not args.no_progress,
     )
     for point in history:

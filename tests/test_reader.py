@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from mgllava.reader import ReaderProbe, ideal_features, probe_reader, sample_items
@@ -72,3 +73,10 @@ def test_bare_prompt_asks_the_same_pair_right_after_the_objects(tiny_zoo):
     after_image = bare_ids[int((bare_ids == IMAGE_TOKEN_INDEX).nonzero()) + 1 :]
     assert tokenizer.decode(after_image[bare_labels[-len(after_image) :] == -100]).strip() == f"{pair}?"
     assert tokenizer.decode(bare_ids[bare_labels != -100]).strip() == f"{item.answer}</s>"
+
+
+def test_cli_names_a_missing_llm_directory(tmp_path):
+    from mgllava.cli import main
+
+    with pytest.raises(SystemExit, match="no LLM directory at .*nowhere"):
+        main(["probe-reader", "--llm", str(tmp_path / "nowhere"), "--steps", "1"])
