@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +80,7 @@ def main() -> None:
     # the full loop: DataLoader + processor + DeepSpeed ZeRO-2 (time per step from its own metrics,
     # so engine start-up and the checkpoint at the end are left out, as the warm-up is above)
     stage = StageConfig(global_batch=args.batch, micro_batch=args.batch, lr=1e-4, epochs=1, save_every=10**6)
+    shutil.rmtree(work / "ckpt", ignore_errors=True)  # a checkpoint left by an earlier run would be resumed
     result = run_stage(fresh_model(), dataset, collate, stage, "finetune", work / "ckpt", seed=0, progress=False)
     steps = result.metrics[1:]  # the first step pays one-off costs in both loops' spirit
     full = sum(args.batch / m.samples_per_s for m in steps) / len(steps)
