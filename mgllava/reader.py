@@ -88,9 +88,12 @@ class ReaderProbe:
         self.answer_ids = {a: self._answer_token(a) for a in ("yes", "no")}
 
     def _answer_token(self, answer: str) -> int:
-        """The first label token that differs between a "yes" and a "no" conversation."""
+        """The first label token of an assistant turn that answers ``answer`` (-1 if there is none)."""
+        from mgllava.model.splice import IGNORE_INDEX
+
         ids, labels = self.processor.tokenize_conversation([("human", "?"), ("gpt", answer)])
-        return int(ids[labels != -100][0]) if len(ids[labels != -100]) else -1
+        answer_ids = ids[labels != IGNORE_INDEX]
+        return int(answer_ids[0]) if len(answer_ids) else -1
 
     @classmethod
     def from_pretrained(cls, llm_path: str | Path, template: str, device: str = "cpu") -> ReaderProbe:
@@ -103,25 +106,21 @@ class ReaderProbe:
         """``input_ids``, ``labels`` (T,) of one question and its answer, in the full or the bare prompt."""
         import torch
 
+        from mgllava.model.splice import IGNORE_INDEX
         from mgllava.templates import IMAGE_PLACEHOLDER
 
         if not bare:
             return self.processor.tokenize_conversation(
                 [("human", f"{IMAGE_PLACEHOLDER}\n{item.question}"), ("gpt", item.answer)]
             )
-        words = item.question.split("?")[0].split()[
-            -2:
-        ]  # "Is there a red circle in the image?" -> red circle
+        pair = " ".join(item.question.split("?")[0].split()[-2:])  # "Is there a red circle in the image?"
         tokenizer = self.processor.tokenizer
-        prompt = [
-            tokenizer.bos_token_id,
-            *self.processor._encode(f"USER: {IMAGE_PLACEHOLDER} {' '.join(words)}?"),
-        ]
+        prompt = [tokenizer.bos_token_id, *self.processor._encode(f"USER: {IMAGE_PLACEHOLDER} {pair}?")]
         answer = [
             *tokenizer(f" {item.answer}", add_special_tokens=False)["input_ids"],
             tokenizer.eos_token_id,
         ]
-        return torch.tensor(prompt + answer), torch.tensor([-100] * len(prompt) + answer)
+        return torch.tensor(prompt + answer), torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
 
     def parameters(self):
         return [*self.llm.parameters(), *self.object_mlp.parameters()]
@@ -131,29 +130,27 @@ class ReaderProbe:
         (meaningful for full prompts; ``bare[i]`` puts item i in the bare prompt)."""
         import torch
 
-        from mgllava.model.splice import prepare_inputs_labels_for_multimodal
+        from mgllava.model.splice import IGNORE_INDEX, prepare_inputs_labels_for_multimodal
 
         rows = [self._tokenize(item, bool(bare and bare[i])) for i, item in enumerate(items)]
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.processor.pad_token_id)
-        labels = torch.full((len(rows), length), -100)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(rows):
-            input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = (
-                ids,
-                row_labels,
-                1,
-            )
+        padded = self.processor.collate(
+            [
+                {"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(0), "boxes": []}
+                for ids, labels in rows
+            ]
+        )  # right-padded (B, T); no images
+        input_ids, attention_mask, labels = (
+            padded[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")
+        )
         object_tokens = [
             self.object_mlp(ideal_features(item.objects).to(self.device)) for item in items
         ]  # B x (K_i, D)
         no_image_tokens = [tokens[:0] for tokens in object_tokens]  # the probe has object tokens only
-        input_ids, attention_mask, labels = (t.to(self.device) for t in (input_ids, attention_mask, labels))
         inputs = prepare_inputs_labels_for_multimodal(
             input_ids, attention_mask, labels, self.llm.get_input_embeddings(), no_image_tokens, object_tokens
         )
         # logits at t predict token t + 1: the answer token is the first labelled one
-        answer_at = (inputs.labels != -100).int().argmax(dim=1) - 1  # (B,)
+        answer_at = (inputs.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # (B,)
         return {"inputs": inputs, "answer_at": answer_at}
 
     def loss(self, items: list[ProbeItem], bare: list[bool] | None = None):
@@ -280,7 +277,9 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     llm = Path(args.llm or config.model.llm.path)
     if not llm.is_dir():
-        raise SystemExit(f"mgllava probe-reader: no LLM directory at {llm}: run `mgllava zoo` or pass --llm DIR")
+        raise SystemExit(
+            f"mgllava probe-reader: no LLM directory at {llm}: run `mgllava zoo` or pass --llm DIR"
+        )
     history = probe_reader(
         llm,
         template=config.model.llm.template,
