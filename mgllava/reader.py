@@ -236,11 +236,14 @@ def train_reader(
 
 
 def probe_reader(
-    llm_path: str | Path, template: str = "vicuna_v1", device: str = "cpu", **train_args
+    llm_path: str | Path, template: str = "vicuna_v1", device: str = "cpu", seed: int = 0, **train_args
 ) -> list[dict]:
     """:func:`train_reader` on a copy of the LLM at ``llm_path`` (nothing is saved); full prompts
-    only unless ``bare_share`` is given."""
-    return train_reader(ReaderProbe.from_pretrained(llm_path, template, device), **train_args)
+    only unless ``bare_share`` is given. ``seed`` also fixes the object MLP's initial weights."""
+    import torch
+
+    torch.manual_seed(seed)
+    return train_reader(ReaderProbe.from_pretrained(llm_path, template, device), seed=seed, **train_args)
 
 
 def register_cli(subparsers) -> None:

@@ -80,3 +80,10 @@ def test_cli_names_a_missing_llm_directory(tmp_path):
 
     with pytest.raises(SystemExit, match="no LLM directory at .*nowhere"):
         main(["probe-reader", "--llm", str(tmp_path / "nowhere"), "--steps", "1"])
+
+
+def test_the_same_seed_gives_the_same_run(tiny_zoo):
+    def run():
+        return probe_reader(tiny_zoo / "llm", steps=2, batch_size=4, n_held_out=8, evaluations=1, progress=False)
+
+    assert run() == run()
