@@ -10,17 +10,17 @@ Each object token is an *ideal* feature: one-hot colour and one-hot shape, from 
 annotations. A trainable two-layer MLP maps it to the LLM width, and the model's own splice
 (:func:`mgllava.model.splice.prepare_inputs_labels_for_multimodal`) puts it where
 ``<image>`` stands. The LLM and the MLP are trained together on the world's POPE
-questions about scenes sampled without rendering. The negatives follow the "random",
-"popular" and "adversarial" strategies, and half of the questions are "yes".
+questions about scenes sampled without rendering, in the chat template with lmms-eval's
+short-answer post-prompt. The negatives follow the "random", "popular" and "adversarial"
+strategies, and half of the questions are "yes". A share of the training questions
+(``choice_share``) are "choose" questions instead ("Is the circle red or blue?"): their answer
+is a word of the question, which teaches the answer position to look back at the question
+across the post-prompt. Without them a small LLM stays at chance (README, "Teaching the tiny
+LLM to read objects").
 
-A training question comes in one of two prompts:
-
-- *full*: the chat template with lmms-eval's short-answer post-prompt;
-- *bare*: "USER: <image> red circle?", for the ``bare_share`` of questions asked that way.
-
-Held-out accuracy is always measured on full prompts, by comparing the logits of the two
+Held-out accuracy is measured on existence questions, by comparing the logits of the two
 answer tokens. If an LLM cannot learn this from perfect features, no vision tower will make
-the full model learn it. The README gives what was measured on the tiny LLM.
+the full model learn it.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class ProbeItem:
     answer: str  # "yes" or "no"
 
 
-def sample_items(rng: random.Random, n: int) -> list[ProbeItem]:
-    """``n`` existence questions about fresh scenes, half "yes", negatives after all three POPE strategies."""
+def sample_items(rng: random.Random, n: int, choice_share: float = 0.0) -> list[ProbeItem]:
+    """``n`` questions about fresh scenes: existence questions, half "yes", negatives after all
+    three POPE strategies; about ``choice_share`` of them are "choose" questions instead ("Is the
+    circle red or blue?", :func:`mgllava.world.questions.choice`)."""
     from mgllava.world import questions as q
     from mgllava.world.generate import _annotation
     from mgllava.world.render import COLORS, SHAPES, sample_scene
@@ -50,7 +52,9 @@ def sample_items(rng: random.Random, n: int) -> list[ProbeItem]:
     items = []
     for index in range(n):
         ann = _annotation(f"probe/{index}.png", sample_scene(rng, with_text=False))
-        qa = q.existence(rng, ann, present=index % 2 == 0, strategy=rng.choice(q.POPE_STRATEGIES))
+        qa = q.choice(rng, ann) if rng.random() < choice_share else None
+        if qa is None:
+            qa = q.existence(rng, ann, present=index % 2 == 0, strategy=rng.choice(q.POPE_STRATEGIES))
         objects = [(COLORS.index(o["color"]), SHAPES.index(o["shape"])) for o in ann["objects"]]
         items.append(ProbeItem(objects, f"{qa.question}\n{q.SHORT_ANSWER_PROMPT}", qa.answer))
     return items
@@ -102,37 +106,24 @@ class ReaderProbe:
         llm = AutoModelForCausalLM.from_pretrained(llm_path)
         return cls(llm, AutoTokenizer.from_pretrained(llm_path), template, device)
 
-    def _tokenize(self, item: ProbeItem, bare: bool):
-        """``input_ids``, ``labels`` (T,) of one question and its answer, in the full or the bare prompt."""
-        import torch
-
-        from mgllava.model.splice import IGNORE_INDEX
+    def _tokenize(self, item: ProbeItem):
+        """``input_ids``, ``labels`` (T,) of one question and its answer in the chat template."""
         from mgllava.templates import IMAGE_PLACEHOLDER
 
-        if not bare:
-            return self.processor.tokenize_conversation(
-                [("human", f"{IMAGE_PLACEHOLDER}\n{item.question}"), ("gpt", item.answer)]
-            )
-        pair = " ".join(item.question.split("?")[0].split()[-2:])  # "Is there a red circle in the image?"
-        tokenizer = self.processor.tokenizer
-        prompt = [tokenizer.bos_token_id, *self.processor._encode(f"USER: {IMAGE_PLACEHOLDER} {pair}?")]
-        answer = [
-            *tokenizer(f" {item.answer}", add_special_tokens=False)["input_ids"],
-            tokenizer.eos_token_id,
-        ]
-        return torch.tensor(prompt + answer), torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
+        return self.processor.tokenize_conversation(
+            [("human", f"{IMAGE_PLACEHOLDER}\n{item.question}"), ("gpt", item.answer)]
+        )
 
     def parameters(self):
         return [*self.llm.parameters(), *self.object_mlp.parameters()]
 
-    def batch(self, items: list[ProbeItem], bare: list[bool] | None = None) -> dict:
-        """Spliced ``inputs_embeds``, masks, labels (B, T), and where each answer token sits
-        (meaningful for full prompts; ``bare[i]`` puts item i in the bare prompt)."""
+    def batch(self, items: list[ProbeItem]) -> dict:
+        """Spliced ``inputs_embeds``, masks, labels (B, T), and where each answer's first token sits."""
         import torch
 
         from mgllava.model.splice import IGNORE_INDEX, prepare_inputs_labels_for_multimodal
 
-        rows = [self._tokenize(item, bool(bare and bare[i])) for i, item in enumerate(items)]
+        rows = [self._tokenize(item) for item in items]
         padded = self.processor.collate(
             [
                 {"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(0), "boxes": []}
@@ -153,8 +144,8 @@ class ReaderProbe:
         answer_at = (inputs.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # (B,)
         return {"inputs": inputs, "answer_at": answer_at}
 
-    def loss(self, items: list[ProbeItem], bare: list[bool] | None = None):
-        inputs = self.batch(items, bare)["inputs"]
+    def loss(self, items: list[ProbeItem]):
+        inputs = self.batch(items)["inputs"]
         return self.llm(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
@@ -190,15 +181,15 @@ def train_reader(
     steps: int,
     lr: float = 1e-3,
     batch_size: int = 16,
-    bare_share: float = 0.0,
+    choice_share: float = 0.3,
     n_held_out: int = 256,
     evaluations: int = 10,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Train the reader's LLM and object MLP for ``steps`` on fresh questions, ``bare_share`` of
-    them in the bare prompt; return ``[{"step", "loss", "accuracy"}, ...]`` (held-out, full
-    prompts), ``evaluations`` points plus step 0."""
+    """Train the reader's LLM and object MLP for ``steps`` on fresh questions, ``choice_share`` of
+    them "choose" questions; return ``[{"step", "loss", "accuracy"}, ...]`` (held-out existence
+    questions), ``evaluations`` points plus step 0."""
     import torch
     from tqdm import tqdm
 
@@ -214,8 +205,7 @@ def train_reader(
     bar = tqdm(total=steps, desc="object reading", disable=not progress)
 
     def loss_of_step(step: int):
-        bare = [train_rng.random() < bare_share for _ in range(batch_size)]
-        loss = reader.loss(sample_items(train_rng, batch_size), bare)
+        loss = reader.loss(sample_items(train_rng, batch_size, choice_share))
         bar.update()
         if (step + 1) % every == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": loss.item(), "accuracy": reader.accuracy(held_out)})
@@ -238,8 +228,8 @@ def train_reader(
 def probe_reader(
     llm_path: str | Path, template: str = "vicuna_v1", device: str = "cpu", seed: int = 0, **train_args
 ) -> list[dict]:
-    """:func:`train_reader` on a copy of the LLM at ``llm_path`` (nothing is saved); full prompts
-    only unless ``bare_share`` is given. ``seed`` also fixes the object MLP's initial weights."""
+    """:func:`train_reader` on a copy of the LLM at ``llm_path`` (nothing is saved). ``seed`` also
+    fixes the object MLP's initial weights."""
     import torch
 
     torch.manual_seed(seed)
@@ -261,10 +251,11 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, one-cycle (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step (default 16)")
     parser.add_argument(
-        "--bare-share",
+        "--choice-share",
         type=float,
-        default=0.0,
-        help="share of training questions in the bare prompt (default 0: full prompts only)",
+        default=0.3,
+        help='share of training questions that are "choose" questions, "Is the circle red or blue?" '
+        "(default 0.3; 0: existence questions only)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -289,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,
-        bare_share=args.bare_share,
+        choice_share=args.choice_share,
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,

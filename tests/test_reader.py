@@ -60,19 +60,14 @@ def test_probe_trains_and_reports_held_out_accuracy(tiny_zoo):
     assert all(torch.isfinite(torch.tensor(point["loss"])) for point in history[1:])
 
 
-def test_bare_prompt_asks_the_same_pair_right_after_the_objects(tiny_zoo):
-    from mgllava.model.splice import IMAGE_TOKEN_INDEX
-
-    probe = ReaderProbe.from_pretrained(tiny_zoo / "llm", "vicuna_v1")
-    item = sample_items(random.Random(2), 1)[0]
-    tokenizer = probe.processor.tokenizer
-    full_ids, _ = probe._tokenize(item, bare=False)
-    bare_ids, bare_labels = probe._tokenize(item, bare=True)
-    assert (bare_ids == IMAGE_TOKEN_INDEX).sum() == 1 and len(bare_ids) < len(full_ids) / 2
-    pair = " ".join(item.question.split("?")[0].split()[-2:])
-    after_image = bare_ids[int((bare_ids == IMAGE_TOKEN_INDEX).nonzero()) + 1 :]
-    assert tokenizer.decode(after_image[bare_labels[-len(after_image) :] == -100]).strip() == f"{pair}?"
-    assert tokenizer.decode(bare_ids[bare_labels != -100]).strip() == f"{item.answer}</s>"
+def test_choice_share_mixes_in_choose_questions_answered_from_the_objects():
+    items = sample_items(random.Random(3), 60, choice_share=0.5)
+    choose = [item for item in items if " or " in item.question.split("\n")[0]]
+    assert 15 <= len(choose) <= 45 and len(items) == 60
+    for item in choose:
+        shape = item.question.split()[2]  # "Is the circle red or blue?"
+        colours = [c for c, s in item.objects if SHAPES[s] == shape]
+        assert [COLORS[c] for c in colours] == [item.answer] and item.answer in item.question
 
 
 def test_cli_names_a_missing_llm_directory(tmp_path):

@@ -187,11 +187,28 @@ def test_llava_corpora(world: Path) -> None:
     _check_llava(instruct, world, train)
     assert all(len(r["conversations"]) == 2 for r in pretrain)
     assert len({r["conversations"][0]["value"] for r in pretrain}) > 3  # varied requests
-    assert all(5 <= len(r["conversations"]) // 2 <= 7 for r in instruct)
+    assert all(6 <= len(r["conversations"]) // 2 <= 9 for r in instruct)
     answers = Counter(t["value"] for r in instruct for t in r["conversations"][1::2])
     assert answers["yes"] > 0 and answers["yes"] == answers["no"]  # two of each per image (POPE-style)
     prompts = " ".join(t["value"] for r in instruct for t in r["conversations"][::2])
     assert "What color is" in prompts and "How many" in prompts and "There are several options" in prompts
+    assert "Is the circle red or" in prompts or "Is the square red or" in prompts  # choose questions
+
+
+def test_choice_question_names_the_answer_and_one_wrong_option() -> None:
+    from mgllava.world.questions import choice
+
+    ann = {"objects": [{"color": "red", "shape": "circle"}, {"color": "green", "shape": "square"},
+                       {"color": "blue", "shape": "square"}]}
+    wrong = set()
+    for seed in range(40):
+        qa = choice(random.Random(seed), ann)
+        # only the circle has a unique shape: "Is the circle red or X?" / "Is the circle X or red?"
+        first, second = qa.question.removeprefix("Is the circle ").rstrip("?").split(" or ")
+        assert qa.answer == "red" and "red" in (first, second) and first != second
+        wrong.add(second if first == "red" else first)
+    assert len(wrong) > 2  # the wrong option varies
+    assert choice(random.Random(0), {"objects": [{"color": "red", "shape": "circle"}] * 2}) is None
 
 
 def test_instruct_existence_balanced() -> None:

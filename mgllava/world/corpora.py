@@ -59,19 +59,25 @@ def build_pretrain(annotations: list[dict], seed: int) -> list[dict]:
 
 
 def _instruction_pairs(rng: random.Random, ann: dict) -> list[tuple[str, str]]:
-    """5-7 (prompt, answer) pairs: four existence questions (two about objects that are there,
-    two about ones that are not, the POPE kinds), the number if there is one (most of the
-    time), then other kinds; about one in five as multiple choice."""
+    """7-9 (prompt, answer) pairs: four existence questions (two about objects that are there,
+    two about ones that are not, the POPE kinds), two "choose" questions, the number if there
+    is one (most of the time), then other kinds; about one in five as multiple choice.
+
+    The choose questions ("Is the circle red or blue?") carry the lesson the existence questions
+    need but do not teach a small LLM on their own: the answer is a word of the question, so
+    the answer position learns to look back at the question and then up among the objects
+    (``mgllava probe-reader --choice-share``; README, "Teaching the tiny LLM to read objects")."""
     qas = [
         q.existence(rng, ann, present=present, strategy=rng.choice(q.POPE_STRATEGIES))
         for present in (True, True, False, False)
     ]
+    qas += [qa for _ in range(2) if (qa := q.choice(rng, ann)) is not None]
     text_qa = q.read_text(rng, ann)
     if text_qa is not None and rng.random() < 0.8:
         qas.append(text_qa)
     others = [qa for gen in _GENERATORS if (qa := gen(rng, ann)) is not None]
     rng.shuffle(others)
-    qas = (qas + others)[: 4 + rng.randint(1, 3)]
+    qas = (qas + others)[: 6 + rng.randint(1, 3)]
     rng.shuffle(qas)
     pairs = []
     for qa in qas:

@@ -42,7 +42,7 @@ from mgllava.world.render import COLORS, SHAPES, Scene, draw_scene, sample_scene
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 """Bumped whenever the generated content changes, so that old worlds get regenerated."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "bench")

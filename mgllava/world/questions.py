@@ -149,6 +149,20 @@ def shape_of(rng: random.Random, ann: dict) -> QA | None:
     return QA(f"What shape is the {obj['color']} object?", obj["shape"], "shape", SHAPES, full)
 
 
+def choice(rng: random.Random, ann: dict) -> QA | None:
+    """ "Is the circle red or blue?" (GQA's "choose" questions), about a shape that occurs exactly
+    once; the other colour is drawn from the rest, and the order of the two is random."""
+    counts = Counter(o["shape"] for o in ann["objects"])
+    unique = [o for o in ann["objects"] if counts[o["shape"]] == 1]
+    if not unique:
+        return None
+    obj = rng.choice(unique)
+    options = [obj["color"], rng.choice([c for c in COLORS if c != obj["color"]])]
+    rng.shuffle(options)
+    question = f"Is the {obj['shape']} {options[0]} or {options[1]}?"
+    return QA(question, obj["color"], "choice", full=f"The {obj['shape']} is {obj['color']}.")
+
+
 def count(rng: random.Random, ann: dict) -> QA:
     """ "How many circles are there in the image?" (mostly about a shape that is there)."""
     present = sorted({o["shape"] for o in ann["objects"]})
