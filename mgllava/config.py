@@ -96,6 +96,9 @@ class WorldConfig(_Section):
 
     n_images: int = Field(400, gt=0)
     seed: int = 0
+    conversations_per_image: int = Field(
+        1, ge=1, description="instruction conversations about each train image, each with its own questions"
+    )
 
 
 class ZooConfig(_Section):

@@ -61,7 +61,7 @@ def prepare_world_and_zoo(config: Config) -> dict:
     if not config.data.world_dir:
         return {"world": None, "zoo": None}
     world = generate_world(config.data.world_dir, n_images=config.world.n_images, seed=config.world.seed,
-                           progress=False)
+                           progress=False, conversations_per_image=config.world.conversations_per_image)
     zoo = Path(config.model.llm.path).parent
     if not Path(config.model.llm.path).exists() or (zoo / "zoo.json").exists():  # absent, or ours: (re)build
         vision = config.model.vision

@@ -14,9 +14,18 @@ import datasets
 import pytest
 import yaml
 
-from mgllava.world import COLORS, SHAPES, WorldSpec, generate_world, load_annotations, register_cli
+from mgllava.world import (
+    COLORS,
+    SHAPES,
+    WorldSpec,
+    generate_world,
+    load_annotations,
+    read_manifest,
+    register_cli,
+)
 from mgllava.world.benchmarks import BENCHMARKS, SPLITS
 from mgllava.world.corpora import build_instruct
+from mgllava.world.generate import VERSION
 from mgllava.world.render import sample_scene
 
 N_IMAGES = 30
@@ -112,7 +121,7 @@ def test_different_seed_differs(worlds: dict[str, Path]) -> None:
 
 def test_manifest_and_splits(world: Path) -> None:
     manifest = json.loads((world / "world.json").read_text())
-    assert manifest["complete"] is True and manifest["version"] == 1
+    assert manifest["complete"] is True and manifest["version"] == VERSION
     assert (manifest["seed"], manifest["n_images"]) == (0, N_IMAGES)
     assert manifest["classes"] == list(SHAPES) and manifest["colors"] == list(COLORS)
     assert manifest["splits"] == WorldSpec(N_IMAGES, 0).splits
@@ -209,6 +218,18 @@ def test_choice_question_names_the_answer_and_one_wrong_option() -> None:
         wrong.add(second if first == "red" else first)
     assert len(wrong) > 2  # the wrong option varies
     assert choice(random.Random(0), {"objects": [{"color": "red", "shape": "circle"}] * 2}) is None
+
+
+def test_several_conversations_per_image_ask_different_questions(world: Path) -> None:
+    anns = load_annotations(world, "train")
+    one, three = build_instruct(anns, seed=0), build_instruct(anns, seed=0, per_image=3)
+    assert three[: len(one)] == one and len(three) == 3 * len(one)
+    assert len({r["id"] for r in three}) == len(three)
+    by_image = {}
+    for r in three:
+        by_image.setdefault(r["image"], []).append(tuple(t["value"] for t in r["conversations"]))
+    assert all(len(set(conversations)) == 3 for conversations in by_image.values())
+    assert WorldSpec(N_IMAGES, 0, 3).matches(read_manifest(world) or {}) is False
 
 
 def test_instruct_existence_balanced() -> None:

@@ -90,14 +90,18 @@ def _instruction_pairs(rng: random.Random, ann: dict) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_instruct(annotations: list[dict], seed: int) -> list[dict]:
-    """One multi-turn question-answering conversation per image (see :func:`_instruction_pairs`)."""
+def build_instruct(annotations: list[dict], seed: int, per_image: int = 1) -> list[dict]:
+    """``per_image`` multi-turn question-answering conversations per image, each with its own
+    questions (see :func:`_instruction_pairs`); ids ``<image id>``, then ``<image id>_1``, ...
+    Records come image by image for the first conversation, then again for the second, ..."""
     records = []
-    for ann in annotations:
-        rng = random.Random(f"{seed}/instruct/{ann['image']}")
-        conversations = []
-        for i, (prompt, answer) in enumerate(_instruction_pairs(rng, ann)):
-            conversations.append(_turn("human", ("<image>\n" if i == 0 else "") + prompt))
-            conversations.append(_turn("gpt", answer))
-        records.append({"id": _image_id(ann), "image": ann["image"], "conversations": conversations})
+    for k in range(per_image):
+        for ann in annotations:
+            rng = random.Random(f"{seed}/instruct/{ann['image']}" + (f"/{k}" if k else ""))
+            conversations = []
+            for i, (prompt, answer) in enumerate(_instruction_pairs(rng, ann)):
+                conversations.append(_turn("human", ("<image>\n" if i == 0 else "") + prompt))
+                conversations.append(_turn("gpt", answer))
+            record_id = _image_id(ann) + (f"_{k}" if k else "")
+            records.append({"id": record_id, "image": ann["image"], "conversations": conversations})
     return records

@@ -66,10 +66,13 @@ class WorldSpec:
 
     n_images: int = 400
     seed: int = 0
+    conversations_per_image: int = 1
 
     def __post_init__(self) -> None:
         if self.n_images < 6:
             raise ValueError(f"a world needs at least 6 images (2 per split), got {self.n_images}")
+        if self.conversations_per_image < 1:
+            raise ValueError(f"conversations_per_image must be at least 1, got {self.conversations_per_image}")
 
     @property
     def splits(self) -> dict[str, int]:
@@ -85,6 +88,7 @@ class WorldSpec:
             and manifest.get("version") == VERSION
             and manifest.get("seed") == self.seed
             and manifest.get("n_images") == self.n_images
+            and manifest.get("conversations_per_image", 1) == self.conversations_per_image
         )
 
 
@@ -144,16 +148,19 @@ def _render_split(out: Path, spec: WorldSpec, split: str, bar: tqdm) -> list[dic
     return records
 
 
-def generate_world(out_dir: str | Path, n_images: int = 400, seed: int = 0, progress: bool = True) -> Path:
-    """Generate a world of ``n_images`` images from ``seed`` into ``out_dir`` and return its path.
+def generate_world(
+    out_dir: str | Path, n_images: int = 400, seed: int = 0, progress: bool = True, conversations_per_image: int = 1
+) -> Path:
+    """Generate a world of ``n_images`` images from ``seed`` into ``out_dir`` and return its path;
+    the instruction corpus holds ``conversations_per_image`` conversations about each train image.
 
-    If ``out_dir`` already holds a complete world of the same ``(n_images, seed)`` nothing is done;
+    If ``out_dir`` already holds a complete world of the same spec nothing is done;
     otherwise whatever an earlier run left there (the paths of the layout only) is replaced.
     """
     # imported here: datasets is slow to import and only this step needs it
     from mgllava.world.benchmarks import build_benchmarks
 
-    spec = WorldSpec(n_images, seed)
+    spec = WorldSpec(n_images, seed, conversations_per_image)
     out = Path(out_dir).resolve()
     manifest = read_manifest(out)
     if manifest is not None and spec.matches(manifest):
@@ -181,7 +188,7 @@ def generate_world(out_dir: str | Path, n_images: int = 400, seed: int = 0, prog
     (out / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False))
 
     pretrain = build_pretrain(records["train"], seed)
-    instruct = build_instruct(records["train"], seed)
+    instruct = build_instruct(records["train"], seed, conversations_per_image)
     _write_json(out / "pretrain.json", pretrain)
     _write_json(out / "instruct.json", instruct)
     bench_sizes = build_benchmarks(
@@ -192,6 +199,7 @@ def generate_world(out_dir: str | Path, n_images: int = 400, seed: int = 0, prog
         "version": VERSION,
         "seed": seed,
         "n_images": n_images,
+        "conversations_per_image": conversations_per_image,
         "classes": list(SHAPES),
         "colors": list(COLORS),
         "splits": spec.splits,
@@ -218,7 +226,8 @@ def summary(manifest: dict) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    out = generate_world(args.out, n_images=args.images, seed=args.seed, progress=not args.quiet)
+    out = generate_world(args.out, n_images=args.images, seed=args.seed, progress=not args.quiet,
+                         conversations_per_image=args.conversations_per_image)
     print(f"shapes world at {out}: {summary(read_manifest(out) or {})}")
 
 
@@ -232,7 +241,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
             "labels and an Ultralytics data.yaml for the detector, LLaVA-Pretrain/-Instruct JSON for "
             "training, and POPE/MMBench/TextVQA/GQA sets in the schemas of the stock lmms-eval tasks. "
             "Images are split 70/10/20 % into train, val (detector mAP only) and bench. Running "
-            "again with the same --images and --seed into a complete world does nothing."
+            "again with the same --images, --seed and --conversations-per-image into a complete world "
+            "does nothing."
         ),
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
@@ -240,5 +250,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--images", type=int, default=400, help="total number of images (default: 400, minimum 6)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    parser.add_argument(
+        "--conversations-per-image",
+        type=int,
+        default=1,
+        help="instruction conversations about each train image, each with its own questions (default: 1)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_cli)
