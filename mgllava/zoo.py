@@ -49,7 +49,12 @@ def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tu
     described to it, the reading skill a real LLM brings, without ever seeing an image.
     """
     pretrain = json.loads((world_dir / "pretrain.json").read_text())
-    records = pretrain + json.loads((world_dir / "instruct.json").read_text())
+    # the first instruction conversation about each image only: the text pretraining does not
+    # grow with the world's conversations_per_image
+    first_per_image: dict[str, dict] = {}
+    for record in json.loads((world_dir / "instruct.json").read_text()):
+        first_per_image.setdefault(record["image"], record)
+    records = pretrain + list(first_per_image.values())
     conversations = [[(t["from"], t["value"]) for t in r["conversations"]] for r in records]
     if describe_images:
         captions = {r["image"]: r["conversations"][1]["value"] for r in pretrain}

@@ -83,3 +83,15 @@ def test_zoo_reports_the_towers_held_out_accuracy(tiny_zoo):
     for name in ("convnext_color_acc", "convnext_shape_acc", "convnext_class_acc"):
         assert 0.0 <= towers[name] <= 1.0
     assert towers["clip_distill_r2"] <= 1.0
+
+
+def test_text_pretraining_reads_one_conversation_per_image(tmp_path):
+    from mgllava.world import generate_world
+    from mgllava.zoo import _world_conversations
+
+    one = generate_world(tmp_path / "one", n_images=8, progress=False)
+    three = generate_world(tmp_path / "three", n_images=8, progress=False, conversations_per_image=3)
+    assert len(json.loads((three / "instruct.json").read_text())) == 3 * len(
+        json.loads((one / "instruct.json").read_text())
+    )
+    assert _world_conversations(three, describe_images=True) == _world_conversations(one, describe_images=True)
