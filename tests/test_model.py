@@ -11,7 +11,14 @@ from conftest import TINY_TOWER_SCENES
 from PIL import Image
 
 from mgllava.config import load_config
-from mgllava.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Boxes, MGLLaVA, pool_object_features
+from mgllava.model import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    Boxes,
+    FrozenImageFeatures,
+    MGLLaVA,
+    pool_object_features,
+)
 from mgllava.world import generate_world
 from mgllava.zoo import build_zoo
 
@@ -207,6 +214,29 @@ def test_batched_loss_masks_visual_positions(model, world_samples):
     assert int(inputs.attention_mask.sum()) == n_text - 4 + n_visual  # each placeholder -> its tokens
     assert int((inputs.labels != IGNORE_INDEX).sum()) == int((batch["labels"] != IGNORE_INDEX).sum())
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_precomputed_frozen_features_give_the_same_loss_and_gradients(model, world_samples):
+    """Training's feature cache: each image encoded alone, then batched, must equal encoding the batch."""
+    _randomise_trainable(model)
+    model.set_stage("finetune")
+    batch = model.processor.collate(_records(model, world_samples))
+    per_image = [
+        model.encode_frozen(pixels[None], [boxes]) for pixels, boxes in zip(batch["pixel_values"], batch["boxes"])
+    ]
+    cached = {**batch, "pixel_values": None, "boxes": [], "image_features": FrozenImageFeatures.cat(per_image)}
+    losses, grads = [], []
+    for inputs in (batch, cached):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.box_projector[0].weight.grad.clone())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert grads[0].abs().sum() > 0  # the object tokens did reach the loss
+    model.zero_grad()
+    model.set_stage("pretrain")
 
 
 def test_generation_batched_equals_one_by_one(model, world_samples):

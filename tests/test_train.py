@@ -12,7 +12,7 @@ import torch
 from mgllava.config import ConfigError, StageConfig, load_config
 from mgllava.model.splice import IGNORE_INDEX
 from mgllava.templates import TEMPLATES
-from mgllava.train.data import Collate, ConversationDataset, Skipped, load_conversations
+from mgllava.train.data import Collate, ConversationDataset, Skipped, cache_image_features, load_conversations
 from mgllava.train.engine import run_stage
 from mgllava.train.schedule import StepPlan, micro_batch_order, plan_steps
 
@@ -103,8 +103,9 @@ def test_bad_conversations_are_rejected_with_counts(tmp_path):
         load_conversations(path)
 
 
-def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_path):
-    from mgllava.model import MGLLaVAProcessor
+@pytest.mark.parametrize("cached", [False, True], ids=["images", "cached-features"])
+def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_path, cached):
+    from mgllava.model import MGLLaVA, MGLLaVAProcessor
 
     records, _ = load_conversations(tiny_config.data.finetune_json)
     records = records[:4]
@@ -116,12 +117,18 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
     processor = MGLLaVAProcessor.from_config(tiny_config.model)
     dataset = ConversationDataset(records, tiny_config.data.image_root, {}, processor)
     assert len(dataset.keys_without_boxes) == 4
+    if cached:
+        cache_image_features(dataset, MGLLaVA.from_config(tiny_config.model).encode_frozen, progress=False)
+        assert sum(isinstance(f, Skipped) for f in dataset.image_features.values()) == 2
     items = [dataset[i] for i in range(len(dataset))]
     assert [type(i).__name__ for i in items] == ["dict", "Skipped", "Skipped", "dict"]
     assert {i.reason for i in items if isinstance(i, Skipped)} == {"missing_image", "corrupt_image"}
     batch = Collate(processor)(items)
     assert len(batch["input_ids"]) + len(batch["skipped"]) == len(records)
-    assert batch["pixel_values"].shape[0] == 2
+    if cached:
+        assert batch["pixel_values"] is None and len(batch["image_features"]) == 2
+    else:
+        assert batch["pixel_values"].shape[0] == 2 and batch["image_features"] is None
 
 
 class _Toy(torch.nn.Module):
@@ -206,6 +213,7 @@ def test_stage_trains_under_zero2_and_loss_falls(stage_name, tiny_config, monkey
     with open(subset, "w") as f:
         json.dump(records[:8], f)
     config.data.finetune_json = config.data.pretrain_json = subset
+    config.data.cache_image_features = stage_name == "finetune"  # both ways of feeding images train
     if stage_name == "finetune":
         train(config, "pretrain", run_id="r1", progress=False)
     summary = train(config, stage_name, run_id="r1", progress=False)

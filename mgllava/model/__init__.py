@@ -13,6 +13,7 @@ from mgllava.model.splice import (
     prepare_inputs_labels_for_multimodal,
 )
 from mgllava.model.vision import (
+    FrozenImageFeatures,
     HighResEncoder,
     LowResEncoder,
     downsample,
@@ -28,6 +29,7 @@ __all__ = [
     "IMAGE_TOKEN_INDEX",
     "Boxes",
     "ConvGateFusion",
+    "FrozenImageFeatures",
     "HighResEncoder",
     "LowResEncoder",
     "MGLLaVA",

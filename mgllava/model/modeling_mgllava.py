@@ -7,6 +7,9 @@ Per image (SPEC sections 2-4, shapes at full size):
 - :class:`ConvGateFusion` (CLIP tokens, stage-4 map) -> (576, 1024) -> projector -> (576, D);
 - boxes (K, 4) in the 768 frame -> RoIAlign over the stage maps -> (K, 2880) -> box projector -> (K, D).
 
+:meth:`MGLLaVA.encode_frozen` runs the frozen part (encoders, RoIAlign) and
+:meth:`MGLLaVA.encode_images` the trainable part over its output, which training may cache.
+
 Both encoders are frozen in every stage and run without autograd; the trainable
 parts are the fusion, the projector and the box projector (stage ``pretrain``), plus
 the LLM (stage ``finetune``). Checkpoints: :meth:`MGLLaVA.save_trainable` /
@@ -34,6 +37,7 @@ from mgllava.model.processing_mgllava import MGLLaVAProcessor
 from mgllava.model.projector import MLPProjector
 from mgllava.model.splice import MultimodalInputs, prepare_inputs_labels_for_multimodal
 from mgllava.model.vision import (
+    FrozenImageFeatures,
     HighResEncoder,
     LowResEncoder,
     downsample,
@@ -139,28 +143,37 @@ class MGLLaVA(nn.Module):
     def device(self) -> torch.device:
         return self.projector[0].weight.device
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``pixel_values`` (B, 3, H, H), B box tensors (K_i, 4) in the H frame ->
-        image tokens (B, N, D) and B object-token tensors (K_i, D)."""
+    @torch.no_grad()
+    def encode_frozen(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> FrozenImageFeatures:
+        """What the frozen encoders make of ``pixel_values`` (B, 3, H, H) and B box tensors (K_i, 4) in
+        the H frame. No autograd: nothing here trains, so training may compute it once per image."""
         pixel_values = pixel_values.to(self.device, self.dtype)
-        with torch.no_grad():  # frozen encoders; RoIAlign only reads their outputs
-            stage_maps = self.high_res_encoder(pixel_values)  # 4 x (B, C_s, H/stride_s, H/stride_s)
-            low_tokens = self.low_res_encoder(
-                downsample(pixel_values, self.config.vision.low_res)
-            )  # (B, N, d)
-            box_features = pool_object_features(
-                stage_maps,
-                boxes,
-                high_res=pixel_values.shape[-1],
-                output_size=self.config.roi_output,
-                method=self.config.object_features,
-            )  # B x (K_i, C_total)
-        fused = self.fusion(low_tokens, stage_maps[-1])  # (B, N, d)
+        stage_maps = self.high_res_encoder(pixel_values)  # 4 x (B, C_s, H/stride_s, H/stride_s)
+        low_tokens = self.low_res_encoder(downsample(pixel_values, self.config.vision.low_res))  # (B, N, d)
+        box_features = pool_object_features(
+            stage_maps,
+            boxes,
+            high_res=pixel_values.shape[-1],
+            output_size=self.config.roi_output,
+            method=self.config.object_features,
+        )  # B x (K_i, C_total)
+        return FrozenImageFeatures(low_tokens, stage_maps[-1], list(box_features))
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        boxes: list[torch.Tensor] | None = None,
+        frozen: FrozenImageFeatures | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images (``pixel_values`` and ``boxes``, or their ``frozen`` features) -> image tokens
+        (B, N, D) and B object-token tensors (K_i, D)."""
+        if frozen is None:
+            frozen = self.encode_frozen(pixel_values, boxes)
+        frozen = frozen.to(self.device, self.dtype)
+        fused = self.fusion(frozen.low_tokens, frozen.high_map)  # (B, N, d)
         image_tokens = self.projector(fused)  # (B, N, D)
-        counts = [len(f) for f in box_features]
-        object_tokens = self.box_projector(torch.cat(box_features)).split(counts)  # B x (K_i, D)
+        counts = [len(f) for f in frozen.box_features]
+        object_tokens = self.box_projector(torch.cat(frozen.box_features)).split(counts)  # B x (K_i, D)
         return image_tokens, list(object_tokens)
 
     # ------------------------------------------------------------------ LLM
@@ -173,10 +186,15 @@ class MGLLaVA(nn.Module):
         boxes: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
+        image_features: FrozenImageFeatures | None = None,
     ) -> MultimodalInputs:
-        """Encode the images (one per placeholder, reading order) and splice them into the text."""
+        """Encode the images (one per placeholder, reading order; from ``pixel_values`` and ``boxes``, or
+        from their precomputed ``image_features``) and splice them into the text."""
         image_tokens, object_tokens = [], []
-        if pixel_values is not None and len(pixel_values):
+        if image_features is not None and len(image_features):
+            encoded, object_tokens = self.encode_images(frozen=image_features)
+            image_tokens = list(encoded)
+        elif pixel_values is not None and len(pixel_values):
             boxes = boxes if boxes is not None else [torch.zeros(0, 4)] * len(pixel_values)
             encoded, object_tokens = self.encode_images(pixel_values, boxes)
             image_tokens = list(encoded)
@@ -200,10 +218,13 @@ class MGLLaVA(nn.Module):
         boxes: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
+        image_features: FrozenImageFeatures | None = None,
     ):
         """A batch as :meth:`MGLLaVAProcessor.collate` builds it -> the LLM's output (``loss`` with labels,
         ``logits`` (B, T, vocab) over the spliced sequence)."""
-        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values, boxes, labels, padding_side)
+        inputs = self.prepare_inputs(
+            input_ids, attention_mask, pixel_values, boxes, labels, padding_side, image_features
+        )
         return self.llm(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,

@@ -10,7 +10,8 @@ worker processes:
   ``input_ids`` and ``labels`` (T,), tokenised segment by segment with the loss
   only on trainable (assistant) segments, BOS first when the tokenizer has one,
   ``<image>`` -> ``IMAGE_TOKEN_INDEX``, truncated to ``max_text_length``;
-- :meth:`MGLLaVAProcessor.__call__`: both, for one record;
+- :meth:`MGLLaVAProcessor.__call__`: both, for one record (:meth:`with_image_features`: the text,
+  with the image's precomputed frozen features);
 - :meth:`MGLLaVAProcessor.collate`: a batch, padded with the pad id (labels -100).
 """
 
@@ -24,7 +25,7 @@ from PIL import Image
 from mgllava.config import ModelConfig
 from mgllava.model.boxes import Boxes, prepare_boxes
 from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mgllava.model.vision import image_to_pixel_values, load_image_normalisation
+from mgllava.model.vision import FrozenImageFeatures, image_to_pixel_values, load_image_normalisation
 from mgllava.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template
 
 
@@ -144,14 +145,9 @@ class MGLLaVAProcessor:
         ``boxes`` (n_images tensors (K_i, 4)). ``turns`` must hold one ``<image>`` per image."""
         images = images or []
         boxes = boxes if boxes is not None else [None] * len(images)
-        n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-        if n_placeholders != len(images) or len(boxes) != len(images):
-            raise ValueError(
-                f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(images)} images, {len(boxes)} box sets"
-            )
-        input_ids, labels = self.tokenize_conversation(turns)
-        if (input_ids == IMAGE_TOKEN_INDEX).sum() != len(images):
-            raise ValueError(f"text truncated to {self.max_text_length} tokens cut off an image placeholder")
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images, {len(boxes)} box sets")
+        input_ids, labels = self._tokenize_record(turns, len(images))
         processed = [self.process_image(image, image_boxes) for image, image_boxes in zip(images, boxes)]
         pixel_values = (
             torch.stack([p for p, _ in processed])
@@ -165,9 +161,25 @@ class MGLLaVAProcessor:
             "boxes": [b for _, b in processed],
         }
 
+    def with_image_features(self, turns: list[tuple[str, str]], features: list[FrozenImageFeatures]) -> dict:
+        """As :meth:`__call__`, with each image's precomputed frozen features (B = 1 each) in place of the
+        image and its boxes: ``input_ids``, ``labels`` (T,), ``image_features``."""
+        input_ids, labels = self._tokenize_record(turns, len(features))
+        return {"input_ids": input_ids, "labels": labels, "image_features": features}
+
+    def _tokenize_record(self, turns: list[tuple[str, str]], n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+        if n_placeholders != n_images:
+            raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {n_images} images")
+        input_ids, labels = self.tokenize_conversation(turns)
+        if (input_ids == IMAGE_TOKEN_INDEX).sum() != n_images:
+            raise ValueError(f"text truncated to {self.max_text_length} tokens cut off an image placeholder")
+        return input_ids, labels
+
     def collate(self, samples: list[dict], padding_side: Literal["right", "left"] = "right") -> dict:
         """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T);
-        ``pixel_values`` (sum n_images, 3, H, H) or None; ``boxes``: one (K_i, 4) tensor per image."""
+        ``pixel_values`` (sum n_images, 3, H, H) or None; ``boxes``: one (K_i, 4) tensor per image;
+        ``image_features``: the records' precomputed :class:`FrozenImageFeatures`, or None."""
         length = max(len(s["input_ids"]) for s in samples)
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -179,11 +191,13 @@ class MGLLaVAProcessor:
             attention_mask[row, span] = 1
             if "labels" in sample:
                 labels[row, span] = sample["labels"]
-        pixel_values = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
+        pixel_values = [s["pixel_values"] for s in samples if len(s.get("pixel_values", ()))]
+        features = [f for s in samples for f in s.get("image_features", ())]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-            "boxes": [b for s in samples for b in s["boxes"]],
+            "boxes": [b for s in samples for b in s.get("boxes", ())],
+            "image_features": FrozenImageFeatures.cat(features) if features else None,
         }

@@ -20,6 +20,7 @@ Encoders:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,6 +89,39 @@ class HighResEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, H) -> [(B, C_s, H / stride_s, H / stride_s) for the 4 stages]."""
         return self.trunk.forward_intermediates(pixel_values, intermediates_only=True)
+
+
+@dataclass
+class FrozenImageFeatures:
+    """The frozen encoders' outputs for B images, as far as the trainable modules read them."""
+
+    low_tokens: torch.Tensor  # (B, N, d): CLIP tokens
+    high_map: torch.Tensor  # (B, C_4, h, w): the last ConvNeXt stage, fused in by the Conv-Gate
+    box_features: list[torch.Tensor]  # B x (K_i, C_total): RoI features over all four stages
+
+    def __len__(self) -> int:
+        return len(self.low_tokens)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenImageFeatures:
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+        return FrozenImageFeatures(move(self.low_tokens), move(self.high_map), [move(f) for f in self.box_features])
+
+    def unbind(self) -> list[FrozenImageFeatures]:
+        """One single-image (B = 1) copy per image, detached from this batch's storage."""
+        return [
+            FrozenImageFeatures(low[None].clone(), high[None].clone(), [boxes.clone()])
+            for low, high, boxes in zip(self.low_tokens, self.high_map, self.box_features)
+        ]
+
+    @classmethod
+    def cat(cls, items: list[FrozenImageFeatures]) -> FrozenImageFeatures:
+        return cls(
+            torch.cat([f.low_tokens for f in items]),
+            torch.cat([f.high_map for f in items]),
+            [boxes for f in items for boxes in f.box_features],
+        )
 
 
 def load_low_res_encoder(clip_path: str | Path, select_layer: int) -> LowResEncoder:

@@ -8,6 +8,9 @@
   (preprocessing, box mapping, chat template, loss masking, truncation) and, for an
   image that is missing or corrupt, returns a :class:`Skipped` marker instead of
   raising, so a DataLoader worker never crashes the run.
+- :func:`cache_image_features` encodes each image once with the frozen encoders
+  and hands the features to the dataset, which then returns them instead of
+  pixels (``data.cache_image_features``: for corpora that fit in memory).
 - :class:`Collate` pads a micro-batch, drops the skipped samples and reports them.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mgllava.model.boxes import Boxes
 from mgllava.model.processing_mgllava import MGLLaVAProcessor
+from mgllava.model.vision import FrozenImageFeatures
 from mgllava.templates import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 len(keys),
             )
 
+        self.image_features: dict[str, FrozenImageFeatures | Skipped] | None = None  # see cache_image_features
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -124,16 +130,56 @@ class ConversationDataset(torch.utils.data.Dataset):
         key = record.get("image")
         if not key:
             return self.processor(turns)
+        if self.image_features is not None:
+            cached = self.image_features[key]
+            return cached if isinstance(cached, Skipped) else self.processor.with_image_features(turns, [cached])
+        image = self.load_image(key, record.get("id"))
+        return image if isinstance(image, Skipped) else self.processor(turns, [image], [self.boxes.get(key)])
+
+    def load_image(self, key: str, sample_id: str | None = None) -> Image.Image | Skipped:
+        """The RGB image under ``key``, or why it cannot be read (logged)."""
         try:
             with Image.open(self.image_root / key) as image:
-                image = image.convert("RGB")
+                return image.convert("RGB")
         except FileNotFoundError:
-            log.warning("skipping sample %s: image not found: %s", record.get("id"), self.image_root / key)
+            log.warning("skipping sample %s: image not found: %s", sample_id or key, self.image_root / key)
             return Skipped(key, "missing_image")
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            log.warning("skipping sample %s: corrupt image %s: %s", record.get("id"), key, exc)
+            log.warning("skipping sample %s: corrupt image %s: %s", sample_id or key, key, exc)
             return Skipped(key, "corrupt_image")
-        return self.processor(turns, [image], [self.boxes.get(key)])
+
+
+def cache_image_features(
+    dataset: ConversationDataset,
+    encode: Callable[[torch.Tensor, list[torch.Tensor]], FrozenImageFeatures],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> None:
+    """Encode every image of ``dataset`` once with ``encode`` (:meth:`MGLLaVA.encode_frozen`) and let the
+    dataset return those features from now on. An unreadable image is logged once and stays a
+    :class:`Skipped` for each of its samples, so the counts are the same as without the cache."""
+    from tqdm import tqdm
+
+    keys = sorted({r["image"] for r in dataset.records if r.get("image")})
+    features: dict[str, FrozenImageFeatures | Skipped] = {}
+    for start in tqdm(range(0, len(keys), batch_size), desc="encoding images", unit="batch", disable=not progress):
+        readable, pixel_values, boxes = [], [], []
+        for key in keys[start : start + batch_size]:
+            image = dataset.load_image(key)
+            if isinstance(image, Skipped):
+                features[key] = image
+                continue
+            pixels, mapped = dataset.processor.process_image(image, dataset.boxes.get(key))
+            readable.append(key)
+            pixel_values.append(pixels)
+            boxes.append(mapped)
+        if readable:
+            encoded = encode(torch.stack(pixel_values), boxes).to("cpu").unbind()
+            features.update(zip(readable, encoded))
+    total = sum(f.low_tokens.nbytes + f.high_map.nbytes + sum(b.nbytes for b in f.box_features)
+                for f in features.values() if isinstance(f, FrozenImageFeatures))
+    log.info("cached the frozen features of %d images (%.1f MB)", len(keys), total / 2**20)
+    dataset.image_features = features
 
 
 class Collate:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mgllava.config import StageConfig
+from mgllava.model.vision import FrozenImageFeatures
 from mgllava.train.schedule import StepPlan, deepspeed_config, micro_batch_order, plan_steps
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def to_device(batch, device, dtype: torch.dtype | None = None):
         if dtype is not None and batch.is_floating_point():
             return batch.to(device=device, dtype=dtype)
         return batch.to(device)
+    if isinstance(batch, FrozenImageFeatures):
+        return batch.to(device, dtype)
     if isinstance(batch, dict):
         return {k: to_device(v, device, None if k == "boxes" else dtype) for k, v in batch.items()}
     if isinstance(batch, list | tuple):

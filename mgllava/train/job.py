@@ -76,7 +76,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     import torch
 
     from mgllava.model import MGLLaVA, MGLLaVAProcessor
-    from mgllava.train.data import Collate, ConversationDataset, load_conversations
+    from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
     from mgllava.train.engine import run_stage
     from warehouse import training as warehouse
 
@@ -98,6 +98,8 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     log.info("%s: trainable parameters\n%s", stage, model.trainable_summary())
     processor = MGLLaVAProcessor.from_config(config.model, tokenizer=model.processor.tokenizer)
     dataset = ConversationDataset(records, config.data.image_root, boxes, processor)
+    if config.data.cache_image_features:
+        cache_image_features(dataset, model.encode_frozen, progress=progress)
 
     def record_metrics(rows) -> None:
         warehouse.insert_train_steps(run_id, stage, rows)
