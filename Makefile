@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mgllava up
 	PREFECT_API_URL=$$($(BIN)/python -c "import mgllava.services as s; print(s.status()['api_url'])") \
-		$(BIN)/prefect deployment run mgllava/full-train --watch --watch-timeout 3600
+		$(BIN)/prefect deployment run mgllava/full-train --watch --watch-timeout 7200
 	$(BIN)/mgllava results
 
 test: install

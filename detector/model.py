@@ -20,6 +20,7 @@ A model YAML builds random weights under a fixed seed (0), so every process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -107,6 +108,19 @@ def state_dict_sha256(module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Run Ultralytics inside: on a CPU it sets torch's thread count for the whole process to
+    ``cpu_count - 1`` (1 on a 2-core machine); put back what the process had afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(device: str) -> str:
@@ -272,7 +286,7 @@ class Detector:
         if not images:
             return []
         s = self.settings
-        with self._lock:  # an Ultralytics predictor is not thread-safe
+        with self._lock, torch_threads_kept():  # an Ultralytics predictor is not thread-safe
             results = self.model.predict(
                 images, imgsz=s.imgsz, conf=s.conf, iou=s.iou, max_det=s.max_det, device=self.device,
                 classes=self._class_filter, batch=len(images), verbose=False, save=False,

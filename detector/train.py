@@ -52,7 +52,7 @@ def train_detector(
     """Train ``base`` (a model YAML: from scratch; a ``.pt``: fine-tune) on ``data``; return the metrics."""
     from ultralytics import YOLO
 
-    from detector.model import file_sha256, resolve_device
+    from detector.model import file_sha256, resolve_device, torch_threads_kept
 
     data = Path(data).expanduser().resolve()
     out = Path(out).expanduser().resolve()
@@ -69,24 +69,25 @@ def train_detector(
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
-    model = YOLO(str(base_path) if base_path.exists() else base)
-    kwargs = dict(
-        data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
-        project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False, seed=seed,
-        deterministic=True, verbose=False, val=True,
-    )
-    kwargs.update(train_kwargs)
-    model.train(**kwargs)
-    train_seconds = time.perf_counter() - t0
+    with torch_threads_kept():
+        t0 = time.perf_counter()
+        model = YOLO(str(base_path) if base_path.exists() else base)
+        kwargs = dict(
+            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
+            project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False, seed=seed,
+            deterministic=True, verbose=False, val=True,
+        )
+        kwargs.update(train_kwargs)
+        model.train(**kwargs)
+        train_seconds = time.perf_counter() - t0
 
-    best = out / "weights" / "best.pt"
-    if not best.is_file():
-        raise DetectorError(f"training finished without writing {best}")
-    metrics = YOLO(str(best)).val(
-        data=str(data), split=split, imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
-        workers=workers, project=str(out), name="val", exist_ok=True,
-    )
+        best = out / "weights" / "best.pt"
+        if not best.is_file():
+            raise DetectorError(f"training finished without writing {best}")
+        metrics = YOLO(str(best)).val(
+            data=str(data), split=split, imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
+            workers=workers, project=str(out), name="val", exist_ok=True,
+        )
     box = metrics.box
     result = {
         "map50": float(box.map50),

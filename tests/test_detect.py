@@ -18,6 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from detector import pipeline, schema
@@ -93,7 +94,9 @@ def read_rejects(out):
 def test_schema_and_values(tmp_path, boxy_weights):
     images = tmp_path / "images"
     keys = make_images(images, 10)
+    threads = torch.get_num_threads()
     res = pipeline.run_detection([images], tmp_path / "out", settings(boxy_weights), shard_size=4)
+    assert torch.get_num_threads() == threads  # Ultralytics' CPU setting does not outlive detection
     out = res.out
     assert res.computed_shards == [0, 1, 2] and not res.skipped
     assert sorted(p.name for p in (out / "boxes").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]

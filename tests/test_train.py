@@ -196,6 +196,22 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
         assert a.lr == pytest.approx(b.lr)
 
 
+def test_jobs_get_the_users_omp_threads_not_ultralytics(tmp_path, monkeypatch):
+    import ultralytics  # noqa: F401  (sets OMP_NUM_THREADS=1 in this process when it was unset)
+
+    import mgllava
+    from mgllava.train.launch import run_job
+
+    script = tmp_path / "threads.py"
+    script.write_text("import os\nprint(os.environ.get('OMP_NUM_THREADS', 'unset'))\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for users, expected in ((None, "unset"), ("3", "3")):
+        monkeypatch.setattr(mgllava, "USER_OMP_NUM_THREADS", users)
+        lines = []
+        run_job([sys.executable, str(script)], lines.append)
+        assert lines == [expected]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage_name", ["pretrain", "finetune"])
 def test_stage_trains_under_zero2_and_loss_falls(stage_name, tiny_config, monkeypatch):

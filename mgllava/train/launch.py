@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import mgllava
 from mgllava.config import Config
 from mgllava.train.job import check_stage_inputs, stage_dir
 
@@ -52,9 +53,20 @@ def launch_command(
     return command + (["--fresh"] if fresh else [])
 
 
+def job_env() -> dict[str, str]:
+    """This process's environment for a job, unbuffered, with ``OMP_NUM_THREADS`` as the user set it
+    (or unset): the 1 that importing ultralytics leaves behind (the detect stage runs in the flow's
+    process) would make a CPU training job single-threaded."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    if mgllava.USER_OMP_NUM_THREADS is not None:
+        env["OMP_NUM_THREADS"] = mgllava.USER_OMP_NUM_THREADS
+    return env
+
+
 def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int = 40) -> None:
     """Run ``command``, passing each output line to ``on_line``; raise :class:`JobFailed` on failure."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = job_env()
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
