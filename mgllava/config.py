@@ -122,7 +122,7 @@ class DataConfig(_Section):
     cache_image_features: bool = Field(
         False,
         description="encode each image once with the frozen encoders before a training stage and keep the "
-        "features in memory (faster steps; ~0.2 MB per image at tiny size, ~6 MB at full size)",
+        "features in memory (faster steps; ~0.1 MB per image at tiny size, ~6 MB at full size)",
     )
 
 
