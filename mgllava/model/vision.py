@@ -102,6 +102,10 @@ class FrozenImageFeatures:
     def __len__(self) -> int:
         return len(self.low_tokens)
 
+    @property
+    def nbytes(self) -> int:
+        return self.low_tokens.nbytes + self.high_map.nbytes + sum(f.nbytes for f in self.box_features)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenImageFeatures:
         def move(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(device=device, dtype=dtype or tensor.dtype)

@@ -176,8 +176,7 @@ def cache_image_features(
         if readable:
             encoded = encode(torch.stack(pixel_values), boxes).to("cpu").unbind()
             features.update(zip(readable, encoded))
-    total = sum(f.low_tokens.nbytes + f.high_map.nbytes + sum(b.nbytes for b in f.box_features)
-                for f in features.values() if isinstance(f, FrozenImageFeatures))
+    total = sum(f.nbytes for f in features.values() if isinstance(f, FrozenImageFeatures))
     log.info("cached the frozen features of %d images (%.1f MB)", len(keys), total / 2**20)
     dataset.image_features = features
 
