@@ -6,8 +6,8 @@ with exactly the calls it uses for the real checkpoints:
 - ``llm/``: a tiny Llama-architecture ``LlamaForCausalLM`` and a byte-level BPE
   tokenizer, both trained on the shapes world's text (the LLM as a language model, on the
   training conversations with each image replaced by its caption: the stand-in for a real
-  LLM's text pretraining, which can answer questions about a scene described in words but
-  has never seen these images), saved with ``save_pretrained``
+  LLM's text pretraining; it has never seen these images, and how well it answers questions
+  about a scene told in words is measured, :func:`caption_reading`), saved with ``save_pretrained``
   (loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), as
   Vicuna, Llama-3, Phi-3 and Yi are;
 - ``clip/``: a tiny ``CLIPVisionModel`` with its ``CLIPImageProcessor``, the
@@ -44,9 +44,10 @@ def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tu
     """The world's conversations (pretraining captions, then instructions) as ``[(role, text), ...]``.
 
     With ``describe_images`` each ``<image>`` placeholder is replaced by the image's caption
-    (from ``pretrain.json``): the scene is told in words instead of shown. A language model
-    pretrained on that text learns to answer questions about, and to repeat, a scene
-    described to it, the reading skill a real LLM brings, without ever seeing an image.
+    (from ``pretrain.json``): the scene is told in words instead of shown, so that a language
+    model pretrained on that text could learn to answer questions about a scene described to
+    it, the reading skill a real LLM brings. The tiny one does not learn it (:func:`caption_reading`
+    measures it at chance; README, "The embedded default").
     """
     pretrain = json.loads((world_dir / "pretrain.json").read_text())
     # the first instruction conversation about each image only: the text pretraining does not
@@ -155,6 +156,54 @@ def pretrain_on_text(
     return losses
 
 
+def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v1", n: int = 200, seed: int = 0) -> dict:
+    """How well the text-pretrained LLM answers questions about a scene *told in words*.
+
+    Held-out (benchmark split) scenes, each image replaced by its caption as in the text
+    pretraining: ``n`` existence questions (half "yes", POPE's three negative strategies) and
+    up to ``n`` "choose" questions ("Is the circle red or blue?"). Each is scored by comparing
+    the logits of the candidate answers' first tokens at the answer position (chance: 0.5
+    for both). A real LLM reads a description like this at once; the tiny one's figures say
+    how much of that skill the stand-in brings to the finetune.
+    """
+    import random
+    import re
+
+    import torch
+
+    from mgllava.templates import TEMPLATES
+    from mgllava.world import questions as q
+    from mgllava.world.generate import load_annotations
+
+    annotations = load_annotations(world_dir, "bench")
+    rng = random.Random(seed)
+    chat = TEMPLATES[template]
+
+    def first_token(word: str) -> int:
+        return tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+    def picks_answer(ann: dict, qa, candidates: tuple[str, str]) -> bool:
+        prompt = f"{q.caption(ann)}\n{qa.question}\n{q.SHORT_ANSWER_PROMPT}"
+        text = "".join(s.text for s in chat.render([("human", prompt)], add_generation_prompt=True))
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]  # (V,)
+        scores = [logits[first_token(c)].item() for c in candidates]
+        return candidates[scores.index(max(scores))] == qa.answer
+
+    existence = choice = choices_asked = 0
+    for index in range(n):
+        ann = rng.choice(annotations)
+        qa = q.existence(rng, ann, present=index % 2 == 0, strategy=rng.choice(q.POPE_STRATEGIES))
+        existence += picks_answer(ann, qa, ("yes", "no"))
+        qa = q.choice(rng, ann)
+        if qa is not None:
+            colours = re.fullmatch(r"Is the \w+ (\w+) or (\w+)\?", qa.question).groups()
+            choice += picks_answer(ann, qa, colours)
+            choices_asked += 1
+    return {"existence_acc": existence / n, "choice_acc": choice / max(choices_asked, 1), "n": n}
+
+
 def build_clip(out: Path, image_size: int):
     """A tiny ``CLIPVisionModel`` (random weights) saved in the Hugging Face layout."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -244,6 +293,7 @@ def build_zoo(
     configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline).
     """
     import torch
+    from transformers import AutoTokenizer
 
     from mgllava.tower_pretraining import pretrain_towers
 
@@ -257,14 +307,19 @@ def build_zoo(
     if not (world_dir / "instruct.json").exists():
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
-    _, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
+    llm, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir / "llm")
+    reading = caption_reading(llm, tokenizer, world_dir)
+    log.info("tiny LLM reading a caption: existence %.3f, choose %.3f (chance 0.5)",
+             reading["existence_acc"], reading["choice_acc"])
     clip = build_clip(out_dir / "clip", low_res)
     convnext = build_convnext(out_dir / "convnext", high_res)
     towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=tower_scenes,
                              epochs=tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
     save_clip(out_dir / "clip", clip, low_res)
     save_convnext(out_dir / "convnext", convnext)
-    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]], "towers": towers},
+    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]],
+                                 "llm_caption_reading": reading, "towers": towers},
                                  indent=2))
     log.info("tiny zoo written to %s", out_dir)
     return out_dir

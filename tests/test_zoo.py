@@ -95,3 +95,43 @@ def test_text_pretraining_reads_one_conversation_per_image(tmp_path):
         json.loads((one / "instruct.json").read_text())
     )
     assert _world_conversations(three, describe_images=True) == _world_conversations(one, describe_images=True)
+
+
+def _answering(tokenizer, answer: str, length: int):
+    """Model output whose answer-position logits put ``answer``'s first token on top."""
+    from types import SimpleNamespace
+
+    logits = torch.zeros(1, length, len(tokenizer))
+    logits[0, -1, tokenizer(answer, add_special_tokens=False)["input_ids"][0]] = 1.0
+    return SimpleNamespace(logits=logits)
+
+
+def test_caption_reading_scores_a_perfect_reader_at_one_and_a_yes_sayer_at_chance(tiny_world, tiny_zoo):
+    import re
+
+    from mgllava.zoo import caption_reading
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "llm")
+
+    def perfect_reader(input_ids):  # reads the caption as a string
+        text = tokenizer.decode(input_ids[0])
+        caption = text.split("USER: ", 1)[1].split("\n", 1)[0]
+        if match := re.search(r"Is there an? (\w+) (\w+) in the image\?", text):
+            answer = "yes" if " ".join(match.groups()) in caption else "no"
+        else:
+            shape, first, second = re.search(r"Is the (\w+) (\w+) or (\w+)\?", text).groups()
+            answer = first if f"{first} {shape}" in caption else second
+        return _answering(tokenizer, answer, input_ids.shape[1])
+
+    def yes_sayer(input_ids):
+        return _answering(tokenizer, "yes", input_ids.shape[1])
+
+    assert caption_reading(perfect_reader, tokenizer, tiny_world, n=40) == {
+        "existence_acc": 1.0, "choice_acc": 1.0, "n": 40
+    }
+    assert caption_reading(yes_sayer, tokenizer, tiny_world, n=40)["existence_acc"] == 0.5
+
+
+def test_zoo_reports_how_its_llm_reads_a_caption(tiny_zoo):
+    reading = json.loads((tiny_zoo / "zoo.json").read_text())["llm_caption_reading"]
+    assert reading["n"] == 200 and 0.0 <= reading["existence_acc"] <= 1.0 and 0.0 <= reading["choice_acc"] <= 1.0
