@@ -108,6 +108,10 @@ class ZooConfig(_Section):
         1200, ge=0, description="rendered scenes the tiny vision towers are pretrained on (0: random towers)"
     )
     tower_epochs: int = Field(3, ge=0, description="epochs of that pretraining")
+    llm_instruct_steps: int = Field(
+        0, ge=0, description="steps of answer-only instruction tuning of the tiny LLM on the world's questions "
+        "told in words, after its text pretraining (0: none)"
+    )
 
 
 class DataConfig(_Section):

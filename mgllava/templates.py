@@ -12,6 +12,7 @@ caller, not written here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 HUMAN, ASSISTANT = "human", "gpt"  # role names of LLaVA's conversation JSON
@@ -57,6 +58,25 @@ class ChatTemplate:
             last = segments[-1]
             segments[-1] = Segment(last.text[: len(last.text) - len(self.assistant_prefix)], False)
         return segments
+
+    def tokenize(
+        self,
+        encode: Callable[[str], list[int]],
+        turns: list[tuple[str, str]],
+        bos_token_id: int | None = None,
+        add_generation_prompt: bool = False,
+        ignore_index: int = -100,
+    ) -> tuple[list[int], list[int]]:
+        """``input_ids`` and ``labels`` of a conversation, tokenised segment by segment with
+        ``encode(text)``: labels repeat the ids on trainable segments and are ``ignore_index``
+        elsewhere, so the loss falls on the assistant's words only; ``bos_token_id`` (if any) first."""
+        input_ids = [bos_token_id] if bos_token_id is not None else []
+        labels = [ignore_index] * len(input_ids)
+        for segment in self.render(turns, add_generation_prompt=add_generation_prompt):
+            ids = encode(segment.text)
+            input_ids += ids
+            labels += ids if segment.trainable else [ignore_index] * len(ids)
+        return input_ids, labels
 
     def prompt(self, turns: list[tuple[str, str]]) -> str:
         """The text to feed ``generate`` for a conversation ending with a human turn."""

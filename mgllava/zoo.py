@@ -58,13 +58,23 @@ def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tu
     records = pretrain + list(first_per_image.values())
     conversations = [[(t["from"], t["value"]) for t in r["conversations"]] for r in records]
     if describe_images:
-        captions = {r["image"]: r["conversations"][1]["value"] for r in pretrain}
+        captions = _captions(world_dir)
         conversations = [
-            [(role, text.replace(IMAGE_PLACEHOLDER, captions[record["image"]])) for role, text in turns]
+            _described(turns, captions[record["image"]])
             for record, turns in zip(records, conversations)
             if record.get("image") in captions
         ]
     return conversations
+
+
+def _captions(world_dir: Path) -> dict[str, str]:
+    """Image key -> its caption, from the world's ``pretrain.json``."""
+    return {r["image"]: r["conversations"][1]["value"] for r in json.loads((world_dir / "pretrain.json").read_text())}
+
+
+def _described(turns: list[tuple[str, str]], caption: str) -> list[tuple[str, str]]:
+    """A conversation with its ``<image>`` placeholder replaced by the image's caption."""
+    return [(role, text.replace(IMAGE_PLACEHOLDER, caption)) for role, text in turns]
 
 
 def _world_texts(world_dir: Path, template_names: list[str] | None = None, describe_images: bool = False) -> Iterator[str]:
@@ -97,8 +107,14 @@ def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
 
 
-def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicuna_v1"):
-    """Train the tokenizer and the tiny LLM on the world's text, save both; return (model, losses)."""
+def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicuna_v1", instruct_steps: int = 0):
+    """Train the tokenizer and the tiny LLM on the world's text, save both; return (model, what was measured).
+
+    Language-model pretraining on the world's text (:func:`pretrain_on_text`), then ``instruct_steps``
+    steps of instruction tuning on its questions told in words (:func:`instruction_tune_on_text`);
+    :func:`caption_reading` is measured after each. The report: ``{"text_loss": [first, last],
+    "instruct_loss": [first, last] or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(world_dir)
@@ -117,11 +133,26 @@ def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicu
     )
     model = LlamaForCausalLM(config)
     texts = list(_world_texts(world_dir, [template], describe_images=True))
-    losses = pretrain_on_text(model, tokenizer, texts)
-    log.info("tiny LLM text pretraining: loss %.3f -> %.3f", losses[0], losses[-1])
+    text_losses = pretrain_on_text(model, tokenizer, texts)
+    log.info("tiny LLM text pretraining: loss %.3f -> %.3f", text_losses[0], text_losses[-1])
+    report = {"text_loss": [text_losses[0], text_losses[-1]], "instruct_loss": None,
+              "caption_reading_pretrained": caption_reading(model, tokenizer, world_dir, template)}
+    _log_reading("after text pretraining", report["caption_reading_pretrained"])
+    report["caption_reading"] = report["caption_reading_pretrained"]
+    if instruct_steps:
+        losses = instruction_tune_on_text(model, tokenizer, world_dir, template, instruct_steps)
+        log.info("tiny LLM instruction tuning on text: answer loss %.3f -> %.3f", losses[0], losses[-1])
+        report["instruct_loss"] = [losses[0], losses[-1]]
+        report["caption_reading"] = caption_reading(model, tokenizer, world_dir, template)
+        _log_reading("after instruction tuning", report["caption_reading"])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return model, losses
+    return model, report
+
+
+def _log_reading(when: str, reading: dict) -> None:
+    log.info("tiny LLM reading a caption %s: existence %.3f, choose %.3f (chance 0.5), four options %.3f (0.25)",
+             when, reading["existence_acc"], reading["choice_acc"], reading["mc_acc"])
 
 
 def pretrain_on_text(
@@ -156,52 +187,109 @@ def pretrain_on_text(
     return losses
 
 
+def instruction_tune_on_text(
+    model, tokenizer, world_dir: Path, template: str, steps: int, lr: float = 1e-3, batch_size: int = 16
+) -> list[float]:
+    """Instruction tuning (``steps`` steps) of the tiny LLM on the world's questions told in words.
+
+    Every training conversation of ``instruct.json`` with its image replaced by the caption, the
+    loss on the assistant's answers only, as the finetune puts it. Language-model loss on every
+    token, as in :func:`pretrain_on_text`, does not teach the tiny LLM to answer from a caption
+    (:func:`caption_reading` stays at chance); this does (README, "The embedded default"). It is
+    the stand-in for the instruction tuning a chat LLM such as Vicuna has had. Returns each step's loss.
+    """
+    import random
+
+    import torch
+
+    from mgllava.templates import get_template
+    from mgllava.tower_pretraining import fit
+
+    chat, captions = get_template(template), _captions(world_dir)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    rows = [
+        chat.tokenize(encode, _described([(t["from"], t["value"]) for t in r["conversations"]], captions[r["image"]]),
+                      tokenizer.bos_token_id)
+        for r in json.loads((world_dir / "instruct.json").read_text())
+    ]
+    rng = random.Random(0)
+
+    def loss_of_step(step: int):
+        batch = rng.sample(rows, batch_size)
+        length = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)  # (B, T), right-padded
+        labels = torch.full((batch_size, length), -100)
+        attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(batch):
+            input_ids[row, : len(ids)], labels[row, : len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
+            attention_mask[row, : len(ids)] = 1
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    model.train()
+    losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0)
+    model.eval()
+    return losses
+
+
 def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v1", n: int = 200, seed: int = 0) -> dict:
-    """How well the text-pretrained LLM answers questions about a scene *told in words*.
+    """How well the tiny LLM answers questions about a scene *told in words*.
 
     Held-out (benchmark split) scenes, each image replaced by its caption as in the text
-    pretraining: ``n`` existence questions (half "yes", POPE's three negative strategies) and
-    up to ``n`` "choose" questions ("Is the circle red or blue?"). Each is scored by comparing
-    the logits of the candidate answers' first tokens at the answer position (chance: 0.5
-    for both). A real LLM reads a description like this at once; the tiny one's figures say
-    how much of that skill the stand-in brings to the finetune.
+    training: ``n`` existence questions (half "yes", POPE's three negative strategies), up to
+    ``n`` "choose" questions ("Is the circle red or blue?") and ``n`` four-option questions worded
+    as MMBench's (the correct letter cycling A-D). Each is scored by comparing the logits of the
+    candidate answers' first tokens at the answer position (chance: 0.5, 0.5 and 0.25). A real
+    LLM reads a description like this at once; the tiny one's figures say how much of that skill
+    the stand-in brings to the finetune.
     """
     import random
     import re
 
     import torch
 
-    from mgllava.templates import TEMPLATES
+    from mgllava.templates import get_template
     from mgllava.world import questions as q
     from mgllava.world.generate import load_annotations
 
     annotations = load_annotations(world_dir, "bench")
     rng = random.Random(seed)
-    chat = TEMPLATES[template]
+    chat = get_template(template)
 
-    def first_token(word: str) -> int:
-        return tokenizer(word, add_special_tokens=False)["input_ids"][0]
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def picks_answer(ann: dict, qa, candidates: tuple[str, str]) -> bool:
-        prompt = f"{q.caption(ann)}\n{qa.question}\n{q.SHORT_ANSWER_PROMPT}"
-        text = "".join(s.text for s in chat.render([("human", prompt)], add_generation_prompt=True))
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+    def picks(ann: dict, question: str, candidates: tuple[str, ...], answer: str) -> bool:
+        ids, _ = chat.tokenize(encode, [("human", f"{q.caption(ann)}\n{question}")], tokenizer.bos_token_id,
+                               add_generation_prompt=True)
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, -1]  # (V,)
-        scores = [logits[first_token(c)].item() for c in candidates]
-        return candidates[scores.index(max(scores))] == qa.answer
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # (V,)
+        scores = [logits[encode(c)[0]].item() for c in candidates]
+        return candidates[scores.index(max(scores))] == answer
 
     existence = choice = choices_asked = 0
     for index in range(n):
         ann = rng.choice(annotations)
         qa = q.existence(rng, ann, present=index % 2 == 0, strategy=rng.choice(q.POPE_STRATEGIES))
-        existence += picks_answer(ann, qa, ("yes", "no"))
+        existence += picks(ann, f"{qa.question}\n{q.SHORT_ANSWER_PROMPT}", ("yes", "no"), qa.answer)
         qa = q.choice(rng, ann)
         if qa is not None:
             colours = re.fullmatch(r"Is the \w+ (\w+) or (\w+)\?", qa.question).groups()
-            choice += picks_answer(ann, qa, colours)
+            choice += picks(ann, f"{qa.question}\n{q.SHORT_ANSWER_PROMPT}", colours, qa.answer)
             choices_asked += 1
-    return {"existence_acc": existence / n, "choice_acc": choice / max(choices_asked, 1), "n": n}
+    multiple_choice = mc_asked = 0
+    while mc_asked < n:
+        ann = rng.choice(annotations)
+        qa = rng.choice((q.color_of, q.shape_of, q.count, q.leftmost))(rng, ann)
+        mc = q.multiple_choice(rng, qa, letter="ABCD"[mc_asked % 4]) if qa is not None else None
+        if mc is not None:
+            options, letter = mc
+            multiple_choice += picks(ann, q.mc_prompt(qa.question, options), tuple(options), letter)
+            mc_asked += 1
+    return {"existence_acc": existence / n, "choice_acc": choice / max(choices_asked, 1),
+            "mc_acc": multiple_choice / n, "n": n}
 
 
 def build_clip(out: Path, image_size: int):
@@ -285,42 +373,38 @@ def build_zoo(
     max_length: int,
     tower_scenes: int = 0,
     tower_epochs: int = 0,
+    llm_instruct_steps: int = 0,
 ) -> Path:
     """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete.
 
     The vision towers are pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
-    epochs (:mod:`mgllava.tower_pretraining`; 0, the default here, leaves them random; the
-    configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline).
+    epochs (:mod:`mgllava.tower_pretraining`; 0, the default here, leaves them random), and the LLM
+    is instruction-tuned on text for ``llm_instruct_steps`` steps (:func:`build_llm`; 0 here: none);
+    the configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline. ``zoo.json``
+    records the settings and what was measured.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from mgllava.tower_pretraining import pretrain_towers
 
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
     settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir),
-                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs}
+                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs, "llm_instruct_steps": llm_instruct_steps}
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
         log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
         return out_dir
     if not (world_dir / "instruct.json").exists():
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
-    llm, text_losses = build_llm(out_dir / "llm", world_dir, max_length)
-    tokenizer = AutoTokenizer.from_pretrained(out_dir / "llm")
-    reading = caption_reading(llm, tokenizer, world_dir)
-    log.info("tiny LLM reading a caption: existence %.3f, choose %.3f (chance 0.5)",
-             reading["existence_acc"], reading["choice_acc"])
+    _, llm = build_llm(out_dir / "llm", world_dir, max_length, instruct_steps=llm_instruct_steps)
     clip = build_clip(out_dir / "clip", low_res)
     convnext = build_convnext(out_dir / "convnext", high_res)
     towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=tower_scenes,
                              epochs=tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
     save_clip(out_dir / "clip", clip, low_res)
     save_convnext(out_dir / "convnext", convnext)
-    marker.write_text(json.dumps({**settings, "llm_text_loss": [text_losses[0], text_losses[-1]],
-                                 "llm_caption_reading": reading, "towers": towers},
-                                 indent=2))
+    marker.write_text(json.dumps({**settings, "llm": llm, "towers": towers}, indent=2))
     log.info("tiny zoo written to %s", out_dir)
     return out_dir
 
@@ -351,6 +435,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
     vision = config.model.vision
     build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
-              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs)
+              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs,
+              llm_instruct_steps=config.zoo.llm_instruct_steps)
     print(f"zoo: {out} (llm/, clip/, convnext/)")
     return 0

@@ -13,8 +13,9 @@ from mgllava.zoo import LOCAL_DIR_PREFIX, build_clip, build_convnext, build_llm
 
 
 def test_llm_and_tokenizer_round_trip(tiny_world, tmp_path):
-    model, losses = build_llm(tmp_path / "llm", tiny_world, max_length=512)
-    assert losses[-1] < losses[0], "text pretraining of the tiny LLM should lower its loss"
+    model, report = build_llm(tmp_path / "llm", tiny_world, max_length=512, instruct_steps=20)
+    assert report["text_loss"][1] < report["text_loss"][0], "text pretraining of the tiny LLM should lower its loss"
+    assert report["instruct_loss"][1] < report["instruct_loss"][0], "instruction tuning should lower the answer loss"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
     ids = tokenizer("USER: Is there a red circle? ASSISTANT:yes</s>", return_tensors="pt").input_ids
@@ -109,29 +110,51 @@ def _answering(tokenizer, answer: str, length: int):
 def test_caption_reading_scores_a_perfect_reader_at_one_and_a_yes_sayer_at_chance(tiny_world, tiny_zoo):
     import re
 
+    from mgllava.world import questions as q
+    from mgllava.world.generate import load_annotations
     from mgllava.zoo import caption_reading
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "llm")
+    scenes = {q.caption(ann): ann for ann in load_annotations(tiny_world, "bench")}
+
+    def mc_answer(ann: dict, question: str) -> str:  # what the caption says, worked out from its scene
+        objects = ann["objects"]
+        if match := re.fullmatch(r"What color is the (\w+)\?", question):
+            return next(o["color"] for o in objects if o["shape"] == match[1])
+        if match := re.fullmatch(r"What shape is the (\w+) object\?", question):
+            return next(o["shape"] for o in objects if o["color"] == match[1])
+        if match := re.fullmatch(r"How many (\w+)s are there in the image\?", question):
+            return str(sum(o["shape"] == match[1] for o in objects))
+        return q.referring_expression(min(objects, key=lambda o: o["box"][0] + o["box"][2]), objects)
 
     def perfect_reader(input_ids):  # reads the caption as a string
         text = tokenizer.decode(input_ids[0])
-        caption = text.split("USER: ", 1)[1].split("\n", 1)[0]
-        if match := re.search(r"Is there an? (\w+) (\w+) in the image\?", text):
+        caption, question = text.split("USER: ", 1)[1].split("\n")[:2]
+        if match := re.search(r"Is there an? (\w+) (\w+) in the image\?", question):
             answer = "yes" if " ".join(match.groups()) in caption else "no"
-        else:
-            shape, first, second = re.search(r"Is the (\w+) (\w+) or (\w+)\?", text).groups()
+        elif match := re.search(r"Is the (\w+) (\w+) or (\w+)\?", question):
+            shape, first, second = match.groups()
             answer = first if f"{first} {shape}" in caption else second
+        else:
+            right = mc_answer(scenes[caption], question.split(f" {q.MC_OPTIONS_HEADER}")[0])
+            answer = re.search(rf"^([ABCD])\. {right}$", text, re.MULTILINE)[1]
         return _answering(tokenizer, answer, input_ids.shape[1])
 
     def yes_sayer(input_ids):
         return _answering(tokenizer, "yes", input_ids.shape[1])
 
+    def a_sayer(input_ids):
+        return _answering(tokenizer, "A", input_ids.shape[1])
+
     assert caption_reading(perfect_reader, tokenizer, tiny_world, n=40) == {
-        "existence_acc": 1.0, "choice_acc": 1.0, "n": 40
+        "existence_acc": 1.0, "choice_acc": 1.0, "mc_acc": 1.0, "n": 40
     }
     assert caption_reading(yes_sayer, tokenizer, tiny_world, n=40)["existence_acc"] == 0.5
+    assert caption_reading(a_sayer, tokenizer, tiny_world, n=40)["mc_acc"] == 0.25
 
 
 def test_zoo_reports_how_its_llm_reads_a_caption(tiny_zoo):
-    reading = json.loads((tiny_zoo / "zoo.json").read_text())["llm_caption_reading"]
-    assert reading["n"] == 200 and 0.0 <= reading["existence_acc"] <= 1.0 and 0.0 <= reading["choice_acc"] <= 1.0
+    llm = json.loads((tiny_zoo / "zoo.json").read_text())["llm"]
+    reading = llm["caption_reading"]
+    assert reading == llm["caption_reading_pretrained"] and llm["instruct_loss"] is None  # the fixture's zoo: no tuning
+    assert reading["n"] == 200 and all(0.0 <= reading[k] <= 1.0 for k in ("existence_acc", "choice_acc", "mc_acc"))

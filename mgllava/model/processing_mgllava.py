@@ -111,13 +111,9 @@ class MGLLaVAProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[(role, text), ...]`` -> ``input_ids``, ``labels`` (T,) long; labels -100 off the
         trainable segments. With ``add_generation_prompt`` the text ends with the assistant prefix."""
-        bos = self.tokenizer.bos_token_id
-        input_ids = [bos] if bos is not None else []
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for segment in self.template.render(turns, add_generation_prompt=add_generation_prompt):
-            ids = self._encode(segment.text)
-            input_ids += ids
-            labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
+        input_ids, labels = self.template.tokenize(
+            self._encode, turns, self.tokenizer.bos_token_id, add_generation_prompt, IGNORE_INDEX
+        )
         input_ids, labels = input_ids[: self.max_text_length], labels[: self.max_text_length]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
