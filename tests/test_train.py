@@ -168,6 +168,17 @@ class _Killed(Exception):
     pass
 
 
+def test_boxes_dir_pointing_at_the_parquet_parts_fails_with_the_right_directory(tmp_path):
+    from mgllava.train.job import load_boxes
+
+    parts = tmp_path / "detect" / "boxes"
+    parts.mkdir(parents=True)
+    (parts / "part-00000.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"above them: {tmp_path / 'detect'}$"):
+        load_boxes(parts)
+    assert load_boxes(tmp_path / "nothing-here") == {}  # no tables at all: zero object tokens, with a warning
+
+
 def test_kill_and_resume_continues_the_same_run(tmp_path):
     stage = StageConfig(global_batch=4, micro_batch=2, lr=0.05, epochs=2, save_every=3, log_every=1)
     torch.manual_seed(0)

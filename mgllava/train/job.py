@@ -62,7 +62,11 @@ def load_boxes(boxes_dir: str | Path) -> dict:
     from detector.tables import read_box_index
     from mgllava.model.boxes import Boxes
 
-    if not (Path(boxes_dir) / "boxes").exists():
+    boxes_dir = Path(boxes_dir)
+    if not (boxes_dir / "boxes").exists():
+        if any(boxes_dir.glob("part-*.parquet")):  # the boxes/ folder itself: training would silently see no boxes
+            raise ConfigError(f"data.boxes_dir={boxes_dir} holds the Parquet parts themselves; "
+                             f"it should be the detect output directory above them: {boxes_dir.parent}")
         log.warning("no box tables at %s: every image gets zero object tokens", boxes_dir)
         return {}
     by_key, _ = read_box_index(boxes_dir)
