@@ -200,8 +200,8 @@ def instruction_tune_on_text(
     """
     import random
 
-    import torch
-
+    from mgllava.model.processing_mgllava import pad_text
+    from mgllava.model.splice import IGNORE_INDEX
     from mgllava.templates import get_template
     from mgllava.tower_pretraining import fit
 
@@ -210,23 +210,16 @@ def instruction_tune_on_text(
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    rows = [
-        chat.tokenize(encode, _described([(t["from"], t["value"]) for t in r["conversations"]], captions[r["image"]]),
-                      tokenizer.bos_token_id)
-        for r in json.loads((world_dir / "instruct.json").read_text())
-    ]
+    rows = []
+    for record in json.loads((world_dir / "instruct.json").read_text()):
+        turns = _described([(t["from"], t["value"]) for t in record["conversations"]], captions[record["image"]])
+        input_ids, labels = chat.tokenize(encode, turns, tokenizer.bos_token_id, ignore_index=IGNORE_INDEX)
+        rows.append({"input_ids": input_ids, "labels": labels})
     rng = random.Random(0)
 
     def loss_of_step(step: int):
-        batch = rng.sample(rows, batch_size)
-        length = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)  # (B, T), right-padded
-        labels = torch.full((batch_size, length), -100)
-        attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(batch):
-            input_ids[row, : len(ids)], labels[row, : len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
-            attention_mask[row, : len(ids)] = 1
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        batch = pad_text(rng.sample(rows, batch_size), tokenizer.pad_token_id)  # (B, T) each, right-padded
+        return model(**batch).loss
 
     model.train()
     losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0)

@@ -176,24 +176,28 @@ class MGLLaVAProcessor:
         """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T);
         ``pixel_values`` (sum n_images, 3, H, H) or None; ``boxes``: one (K_i, 4) tensor per image;
         ``image_features``: the records' precomputed :class:`FrozenImageFeatures`, or None."""
-        length = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample["input_ids"])
-            span = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            input_ids[row, span] = sample["input_ids"]
-            attention_mask[row, span] = 1
-            if "labels" in sample:
-                labels[row, span] = sample["labels"]
         pixel_values = [s["pixel_values"] for s in samples if len(s.get("pixel_values", ()))]
         features = [f for s in samples for f in s.get("image_features", ())]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+            **pad_text(samples, self.pad_token_id, padding_side),
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,
             "boxes": [b for s in samples for b in s.get("boxes", ())],
             "image_features": FrozenImageFeatures.cat(features) if features else None,
         }
+
+
+def pad_text(samples: list[dict], pad_token_id: int, padding_side: Literal["right", "left"] = "right") -> dict:
+    """Pad the samples' ``input_ids`` (and ``labels``, where given) into ``input_ids``,
+    ``attention_mask``, ``labels`` (B, T); labels are ``IGNORE_INDEX`` on padding."""
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        input_ids[row, span] = torch.as_tensor(sample["input_ids"])
+        attention_mask[row, span] = 1
+        if "labels" in sample:
+            labels[row, span] = torch.as_tensor(sample["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
