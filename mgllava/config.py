@@ -108,10 +108,29 @@ class ZooConfig(_Section):
         1200, ge=0, description="rendered scenes the tiny vision towers are pretrained on (0: random towers)"
     )
     tower_epochs: int = Field(3, ge=0, description="epochs of that pretraining")
+    llm_layers: int = Field(4, ge=1, description="decoder layers of the tiny LLM (128 wide)")
     llm_instruct_steps: int = Field(
         0, ge=0, description="steps of answer-only instruction tuning of the tiny LLM on the world's questions "
         "told in words, after its text pretraining (0: none)"
     )
+    llm_option_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the instruction-tuning rows that are four-option questions "
+        "(MMBench's wording) about a training scene told in words"
+    )
+    llm_lookup_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the instruction-tuning rows that are bare letter lookups "
+        "(\"Which option is red?\" over four options, no scene): with them the tiny LLM learns to bind an "
+        "answer to its letter"
+    )
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> ZooConfig:
+        if self.llm_option_share + self.llm_lookup_share > 1.0:
+            raise ValueError(
+                f"zoo.llm_option_share ({self.llm_option_share}) + zoo.llm_lookup_share ({self.llm_lookup_share}) "
+                "exceed 1: they are shares of the same instruction-tuning rows"
+            )
+        return self
 
 
 class DataConfig(_Section):

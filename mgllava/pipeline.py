@@ -65,9 +65,7 @@ def prepare_world_and_zoo(config: Config) -> dict:
     zoo = Path(config.model.llm.path).parent
     if not Path(config.model.llm.path).exists() or (zoo / "zoo.json").exists():  # absent, or ours: (re)build
         vision = config.model.vision
-        build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length,
-                  tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs,
-                  llm_instruct_steps=config.zoo.llm_instruct_steps)
+        build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length, recipe=config.zoo)
     return {"world": str(world), "zoo": str(zoo)}
 
 

@@ -85,9 +85,10 @@ def object_crops(scenes: RenderedScenes, crop: int, rng: random.Random) -> tuple
     return torch.stack(crops), torch.tensor(boxes), torch.cat(scenes.classes)
 
 
-def fit(parameters, steps: int, lr: float, loss_of_step, weight_decay: float = 0.05) -> list[float]:
+def fit(parameters, steps: int, lr: float, loss_of_step, weight_decay: float = 0.05, name: str | None = None) -> list[float]:
     """``steps`` AdamW steps with a one-cycle schedule and clipping at 1.0; ``loss_of_step(step)``
-    returns the step's loss. Returns each step's loss. (Also the tiny LLM's text pretraining.)"""
+    returns the step's loss. Returns each step's loss. (Also the tiny LLM's text pretraining.)
+    With a ``name``, the mean loss is logged every tenth of the way."""
     parameters = list(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     # OneCycleLR needs two steps or more; one more than taken keeps a single step valid
@@ -101,6 +102,9 @@ def fit(parameters, steps: int, lr: float, loss_of_step, weight_decay: float = 0
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if name and (step + 1) % max(1, steps // 10) == 0:
+            recent = losses[-max(1, steps // 10):]
+            log.info("%s: step %d/%d, loss %.3f", name, step + 1, steps, sum(recent) / len(recent))
     return losses
 
 

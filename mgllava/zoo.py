@@ -31,6 +31,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from mgllava.config import ZooConfig
 from mgllava.templates import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,24 @@ def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
 
 
-def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicuna_v1", instruct_steps: int = 0):
-    """Train the tokenizer and the tiny LLM on the world's text, save both; return (model, what was measured).
+def build_llm(
+    out: Path,
+    world_dir: Path,
+    max_length: int,
+    template: str = "vicuna_v1",
+    layers: int = 4,
+    instruct_steps: int = 0,
+    option_share: float = 0.0,
+    lookup_share: float = 0.0,
+):
+    """Train the tokenizer and the tiny LLM (``layers`` decoder layers, 128 wide) on the world's
+    text, save both; return (model, what was measured).
 
     Language-model pretraining on the world's text (:func:`pretrain_on_text`), then ``instruct_steps``
-    steps of instruction tuning on its questions told in words (:func:`instruction_tune_on_text`);
-    :func:`caption_reading` is measured after each. The report: ``{"text_loss": [first, last],
-    "instruct_loss": [first, last] or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
+    steps of instruction tuning on its questions told in words, ``option_share`` and ``lookup_share``
+    of the rows being four-option drills (:func:`instruction_tune_on_text`); :func:`caption_reading`
+    is measured after each. The report: ``{"text_loss": [first, last], "instruct_loss": [first, last]
+    or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -122,7 +134,7 @@ def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicu
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=352,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_length,
@@ -140,7 +152,8 @@ def build_llm(out: Path, world_dir: Path, max_length: int, template: str = "vicu
     _log_reading("after text pretraining", report["caption_reading_pretrained"])
     report["caption_reading"] = report["caption_reading_pretrained"]
     if instruct_steps:
-        losses = instruction_tune_on_text(model, tokenizer, world_dir, template, instruct_steps)
+        losses = instruction_tune_on_text(model, tokenizer, world_dir, template, instruct_steps,
+                                          option_share=option_share, lookup_share=lookup_share)
         log.info("tiny LLM instruction tuning on text: answer loss %.3f -> %.3f", losses[0], losses[-1])
         report["instruct_loss"] = [losses[0], losses[-1]]
         report["caption_reading"] = caption_reading(model, tokenizer, world_dir, template)
@@ -188,7 +201,15 @@ def pretrain_on_text(
 
 
 def instruction_tune_on_text(
-    model, tokenizer, world_dir: Path, template: str, steps: int, lr: float = 1e-3, batch_size: int = 16
+    model,
+    tokenizer,
+    world_dir: Path,
+    template: str,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    option_share: float = 0.0,
+    lookup_share: float = 0.0,
 ) -> list[float]:
     """Instruction tuning (``steps`` steps) of the tiny LLM on the world's questions told in words.
 
@@ -196,35 +217,73 @@ def instruction_tune_on_text(
     loss on the assistant's answers only, as the finetune puts it. Language-model loss on every
     token, as in :func:`pretrain_on_text`, does not teach the tiny LLM to answer from a caption
     (:func:`caption_reading` stays at chance); this does (README, "The embedded default"). It is
-    the stand-in for the instruction tuning a chat LLM such as Vicuna has had. Returns each step's loss.
+    the stand-in for the instruction tuning a chat LLM such as Vicuna has had.
+
+    The conversations alone do not teach it to answer four-option questions: it must bind the
+    answer it reads to that option's letter, a skill language models are known to pick up only at scale.
+    So ``option_share`` of the rows are four-option questions about a training scene told in
+    words (:func:`~mgllava.world.questions.four_option_question`) and ``lookup_share`` bare
+    letter lookups (:func:`~mgllava.world.questions.letter_lookup`), fresh ones each step; with
+    the lookups in the mix the binding is learnt (README, "The embedded default"). Returns each
+    step's loss.
     """
     import random
+    from collections import Counter
 
     from mgllava.model.processing_mgllava import pad_text
     from mgllava.model.splice import IGNORE_INDEX
     from mgllava.templates import get_template
     from mgllava.tower_pretraining import fit
+    from mgllava.world import questions as q
+    from mgllava.world.generate import load_annotations
 
-    chat, captions = get_template(template), _captions(world_dir)
+    chat, captions, encode = get_template(template), _captions(world_dir), _encoder(tokenizer)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    rows = []
-    for record in json.loads((world_dir / "instruct.json").read_text()):
-        turns = _described([(t["from"], t["value"]) for t in record["conversations"]], captions[record["image"]])
+    def tokenized(turns: list[tuple[str, str]]) -> dict[str, list[int]]:
         input_ids, labels = chat.tokenize(encode, turns, tokenizer.bos_token_id, ignore_index=IGNORE_INDEX)
-        rows.append({"input_ids": input_ids, "labels": labels})
+        return {"input_ids": input_ids, "labels": labels}
+
+    conversations = [
+        tokenized(_described([(t["from"], t["value"]) for t in record["conversations"]], captions[record["image"]]))
+        for record in json.loads((world_dir / "instruct.json").read_text())
+    ]
+    scenes = load_annotations(world_dir, "train")
     rng = random.Random(0)
 
+    def row(kind: str) -> dict[str, list[int]]:
+        if kind == "lookup":
+            prompt, letter = q.letter_lookup(rng)
+            return tokenized([("human", prompt), ("gpt", letter)])
+        if kind == "option":
+            while (mc := q.four_option_question(rng, scene := rng.choice(scenes))) is None:
+                pass
+            return tokenized([("human", f"{q.caption(scene)}\n{mc[0]}"), ("gpt", mc[1])])
+        return rng.choice(conversations)
+
+    kinds = ("lookup", "option", "conversation")
+    shares = (lookup_share, option_share, max(0.0, 1.0 - lookup_share - option_share))
+
     def loss_of_step(step: int):
-        batch = pad_text(rng.sample(rows, batch_size), tokenizer.pad_token_id)  # (B, T) each, right-padded
-        return model(**batch).loss
+        drawn = Counter(rng.choices(kinds, shares, k=batch_size))
+        # each kind padded on its own (the short drills are not padded to a conversation's
+        # length); the loss is the mean over every answer token of the batch, as one batch's
+        losses, answer_tokens = [], []
+        for kind in kinds:
+            if drawn[kind]:
+                batch = pad_text([row(kind) for _ in range(drawn[kind])], tokenizer.pad_token_id)  # (b, T) each
+                losses.append(model(**batch).loss)
+                answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
 
     model.train()
-    losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0)
+    losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0, name="tiny LLM instruction tuning")
     model.eval()
     return losses
+
+
+def _encoder(tokenizer):
+    """``text -> token ids`` without special tokens, the ``encode`` of :meth:`ChatTemplate.tokenize`."""
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v1", n: int = 200, seed: int = 0) -> dict:
@@ -251,8 +310,7 @@ def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v
     rng = random.Random(seed)
     chat = get_template(template)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    encode = _encoder(tokenizer)
 
     def picks(ann: dict, question: str, candidates: tuple[str, ...], answer: str) -> bool:
         ids, _ = chat.tokenize(encode, [("human", f"{q.caption(ann)}\n{question}")], tokenizer.bos_token_id,
@@ -275,11 +333,9 @@ def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v
     multiple_choice = mc_asked = 0
     while mc_asked < n:
         ann = rng.choice(annotations)
-        qa = rng.choice((q.color_of, q.shape_of, q.count, q.leftmost))(rng, ann)
-        mc = q.multiple_choice(rng, qa, letter="ABCD"[mc_asked % 4]) if qa is not None else None
+        mc = q.four_option_question(rng, ann, letter="ABCD"[mc_asked % 4])
         if mc is not None:
-            options, letter = mc
-            multiple_choice += picks(ann, q.mc_prompt(qa.question, options), tuple(options), letter)
+            multiple_choice += picks(ann, mc[0], tuple("ABCD"), mc[1])
             mc_asked += 1
     return {"existence_acc": existence / n, "choice_acc": choice / max(choices_asked, 1),
             "mc_acc": multiple_choice / n, "n": n}
@@ -364,17 +420,15 @@ def build_zoo(
     high_res: int,
     low_res: int,
     max_length: int,
-    tower_scenes: int = 0,
-    tower_epochs: int = 0,
-    llm_instruct_steps: int = 0,
+    recipe: ZooConfig | None = None,
 ) -> Path:
     """Build the tiny LLM, CLIP and ConvNeXt under ``out_dir``; skip if already complete.
 
-    The vision towers are pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
-    epochs (:mod:`mgllava.tower_pretraining`; 0, the default here, leaves them random), and the LLM
-    is instruction-tuned on text for ``llm_instruct_steps`` steps (:func:`build_llm`; 0 here: none);
-    the configuration's ``zoo`` section sets them for ``mgllava zoo`` and the pipeline. ``zoo.json``
-    records the settings and what was measured.
+    ``recipe`` (the configuration's ``zoo`` section; its defaults if None) sets how they are
+    trained: the vision towers pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
+    epochs (:mod:`mgllava.tower_pretraining`; 0 by default leaves them random), the LLM's depth
+    and its instruction tuning on text (:func:`build_llm`; none by default). ``zoo.json`` records
+    the settings and what was measured.
     """
     import torch
 
@@ -382,19 +436,22 @@ def build_zoo(
 
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
+    recipe = recipe or ZooConfig()
     settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir),
-                "tower_scenes": tower_scenes, "tower_epochs": tower_epochs, "llm_instruct_steps": llm_instruct_steps}
+                **recipe.model_dump()}
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
         log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
         return out_dir
     if not (world_dir / "instruct.json").exists():
         raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
     torch.manual_seed(0)
-    _, llm = build_llm(out_dir / "llm", world_dir, max_length, instruct_steps=llm_instruct_steps)
+    _, llm = build_llm(out_dir / "llm", world_dir, max_length, layers=recipe.llm_layers,
+                       instruct_steps=recipe.llm_instruct_steps, option_share=recipe.llm_option_share,
+                       lookup_share=recipe.llm_lookup_share)
     clip = build_clip(out_dir / "clip", low_res)
     convnext = build_convnext(out_dir / "convnext", high_res)
-    towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=tower_scenes,
-                             epochs=tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
+    towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=recipe.tower_scenes,
+                             epochs=recipe.tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
     save_clip(out_dir / "clip", clip, low_res)
     save_convnext(out_dir / "convnext", convnext)
     marker.write_text(json.dumps({**settings, "llm": llm, "towers": towers}, indent=2))
@@ -428,7 +485,6 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
     vision = config.model.vision
     build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
-              tower_scenes=config.zoo.tower_scenes, tower_epochs=config.zoo.tower_epochs,
-              llm_instruct_steps=config.zoo.llm_instruct_steps)
+              recipe=config.zoo)
     print(f"zoo: {out} (llm/, clip/, convnext/)")
     return 0

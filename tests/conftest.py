@@ -40,7 +40,7 @@ TINY_TOWER_SCENES = 16
 @pytest.fixture(scope="session")
 def tiny_zoo(tiny_world):
     """The tiny model zoo built on :func:`tiny_world` at the tiny preset's sizes."""
-    from mgllava.config import load_config
+    from mgllava.config import ZooConfig, load_config
     from mgllava.zoo import build_zoo
 
     model = load_config(preset="tiny").model
@@ -50,8 +50,7 @@ def tiny_zoo(tiny_world):
         high_res=model.vision.high_res,
         low_res=model.vision.low_res,
         max_length=model.max_length,
-        tower_scenes=TINY_TOWER_SCENES,
-        tower_epochs=1,
+        recipe=ZooConfig(tower_scenes=TINY_TOWER_SCENES, tower_epochs=1),
     )
 
 

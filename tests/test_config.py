@@ -68,6 +68,7 @@ def test_yaml_file_round_trip(tmp_path):
         ({"overrides": ["model.vision.high_res=700"]}, "multiple of 32"),
         ({"overrides": ["train.finetune.global_batch=10"]}, "not divisible by micro_batch=8"),
         ({"overrides": ["novalue"]}, "expected dotted.key=value"),
+        ({"overrides": ["zoo.llm_option_share=0.7", "zoo.llm_lookup_share=0.4"]}, "exceed 1"),
         ({"path": "/nonexistent/config.yaml"}, "config file not found: /nonexistent/config.yaml"),
     ],
 )

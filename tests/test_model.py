@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_TOWER_SCENES
 from PIL import Image
 
-from mgllava.config import load_config
+from mgllava.config import ZooConfig, load_config
 from mgllava.model import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -29,7 +29,8 @@ HIGH_RES, LOW_RES, MAX_LENGTH = 256, 112, 512
 def world_and_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     generate_world(root / "world", n_images=24, seed=0, progress=False)
-    build_zoo(root / "zoo", root / "world", HIGH_RES, LOW_RES, MAX_LENGTH, tower_scenes=TINY_TOWER_SCENES, tower_epochs=1)
+    build_zoo(root / "zoo", root / "world", HIGH_RES, LOW_RES, MAX_LENGTH,
+              ZooConfig(tower_scenes=TINY_TOWER_SCENES, tower_epochs=1))
     return root
 
 

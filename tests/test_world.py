@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -218,6 +219,33 @@ def test_choice_question_names_the_answer_and_one_wrong_option() -> None:
         wrong.add(second if first == "red" else first)
     assert len(wrong) > 2  # the wrong option varies
     assert choice(random.Random(0), {"objects": [{"color": "red", "shape": "circle"}] * 2}) is None
+
+
+def test_four_option_drills_put_the_answer_at_its_letter() -> None:
+    from mgllava.world.questions import MC_OPTIONS_HEADER, four_option_question, letter_lookup
+
+    def options(prompt: str) -> dict[str, str]:
+        return dict(re.findall(r"^([ABCD])\. (.+)$", prompt, re.MULTILINE))
+
+    letters = Counter()
+    for seed in range(40):
+        prompt, letter = letter_lookup(random.Random(seed))
+        asked = re.match(r"Which option is (\w+)\?", prompt)[1]
+        assert options(prompt)[letter] == asked and len(set(options(prompt).values())) == 4
+        letters[letter] += 1
+    assert set(letters) == set("ABCD")  # the answer's place varies
+
+    ann = {"objects": [{"color": "red", "shape": "circle", "size": "large", "box": [10, 10, 40, 40]},
+                       {"color": "green", "shape": "square", "size": "small", "box": [100, 10, 130, 40]}]}
+    for seed in range(40):
+        prompt, letter = four_option_question(random.Random(seed), ann, letter="C")
+        question = prompt.split(f" {MC_OPTIONS_HEADER}")[0]
+        right = {"What color is the circle?": "red", "What color is the square?": "green",
+                 "What shape is the red object?": "circle", "What shape is the green object?": "square",
+                 "Which object is furthest to the left?": "red circle"}.get(question)
+        if counted := re.fullmatch(r"How many (\w+)s are there in the image\?", question):
+            right = str(sum(o["shape"] == counted[1] for o in ann["objects"]))
+        assert letter == "C" and options(prompt)["C"] == right, prompt
 
 
 def test_several_conversations_per_image_ask_different_questions(world: Path) -> None:

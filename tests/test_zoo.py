@@ -9,14 +9,17 @@ import open_clip
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
+from mgllava.config import ZooConfig
 from mgllava.zoo import LOCAL_DIR_PREFIX, build_clip, build_convnext, build_llm
 
 
 def test_llm_and_tokenizer_round_trip(tiny_world, tmp_path):
-    model, report = build_llm(tmp_path / "llm", tiny_world, max_length=512, instruct_steps=20)
+    model, report = build_llm(tmp_path / "llm", tiny_world, max_length=512, layers=2, instruct_steps=20,
+                              option_share=0.4, lookup_share=0.2)
     assert report["text_loss"][1] < report["text_loss"][0], "text pretraining of the tiny LLM should lower its loss"
     assert report["instruct_loss"][1] < report["instruct_loss"][0], "instruction tuning should lower the answer loss"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    assert reloaded.config.num_hidden_layers == 2
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
     ids = tokenizer("USER: Is there a red circle? ASSISTANT:yes</s>", return_tensors="pt").input_ids
     assert ids[0, -1].item() == tokenizer.eos_token_id  # "</s>" is the EOS special token
@@ -59,7 +62,7 @@ def test_build_zoo_is_idempotent(tiny_zoo, caplog):
     before = (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level("INFO"):
         build_zoo(tiny_zoo, settings["world"], settings["high_res"], settings["low_res"], settings["max_length"],
-                  settings["tower_scenes"], settings["tower_epochs"])
+                  ZooConfig(**{key: settings[key] for key in ZooConfig.model_fields}))
     assert "skipping" in caplog.text
     assert (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns == before
 

@@ -253,6 +253,30 @@ def multiple_choice(
     return dict(zip("ABCD", options, strict=True)), "ABCD"[position]
 
 
+MC_GENERATORS = (color_of, shape_of, count, leftmost)
+"""The question kinds that have four or more choices, asked as four-option questions."""
+
+
+def four_option_question(rng: random.Random, ann: dict, letter: str | None = None) -> tuple[str, str] | None:
+    """A four-option question about ``ann`` of a random :data:`MC_GENERATORS` kind, worded as
+    MMBench's (:func:`mc_prompt`), with its answer's letter (``letter`` if given); None when
+    that kind has no unambiguous answer for the image."""
+    qa = rng.choice(MC_GENERATORS)(rng, ann)
+    mc = multiple_choice(rng, qa, letter) if qa is not None else None
+    if mc is None:
+        return None
+    options, answer_letter = mc
+    return mc_prompt(qa.question, options), answer_letter
+
+
+def letter_lookup(rng: random.Random) -> tuple[str, str]:
+    """ "Which option is red?" over four colours (or four shapes), worded as MMBench's, with the
+    letter of the option asked for: the bare binding of an answer to its letter, with no scene."""
+    words = rng.sample(COLORS if rng.random() < 0.5 else SHAPES, 4)
+    position = rng.randrange(4)
+    return mc_prompt(f"Which option is {words[position]}?", dict(zip("ABCD", words, strict=True))), "ABCD"[position]
+
+
 def mc_prompt(question: str, options: dict[str, str]) -> str:
     """A multiple-choice question worded exactly as lmms-eval's MMBench task shows it (without a hint)."""
     listed = "\n".join(f"{k}. {v}" for k, v in options.items())
