@@ -230,7 +230,6 @@ def instruction_tune_on_text(
     import random
     from collections import Counter
 
-    from mgllava.model.processing_mgllava import pad_text
     from mgllava.model.splice import IGNORE_INDEX
     from mgllava.templates import get_template
     from mgllava.tower_pretraining import fit
@@ -265,20 +264,28 @@ def instruction_tune_on_text(
 
     def loss_of_step(step: int):
         drawn = Counter(rng.choices(kinds, shares, k=batch_size))
-        # each kind padded on its own (the short drills are not padded to a conversation's
-        # length); the loss is the mean over every answer token of the batch, as one batch's
-        losses, answer_tokens = [], []
-        for kind in kinds:
-            if drawn[kind]:
-                batch = pad_text([row(kind) for _ in range(drawn[kind])], tokenizer.pad_token_id)  # (b, T) each
-                losses.append(model(**batch).loss)
-                answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
-        return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
+        groups = [[row(kind) for _ in range(drawn[kind])] for kind in kinds if drawn[kind]]
+        return answer_loss(model, groups, tokenizer.pad_token_id)
 
     model.train()
     losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0, name="tiny LLM instruction tuning")
     model.eval()
     return losses
+
+
+def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: int):
+    """The loss over every answer token of ``groups`` of rows (``input_ids``, ``labels``), each
+    group padded on its own: the loss of all the rows padded as one batch, without padding the
+    short rows of one group to the longest of another."""
+    from mgllava.model.processing_mgllava import pad_text
+    from mgllava.model.splice import IGNORE_INDEX
+
+    losses, answer_tokens = [], []
+    for rows in groups:
+        batch = pad_text(rows, pad_token_id)  # (b, T) each, right-padded
+        losses.append(model(**batch).loss)  # mean over the group's answer tokens
+        answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
+    return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
 
 
 def _encoder(tokenizer):

@@ -28,6 +28,31 @@ def test_llm_and_tokenizer_round_trip(tiny_world, tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_answer_loss_of_groups_padded_apart_equals_one_batch_padded_together():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mgllava.model.processing_mgllava import pad_text
+    from mgllava.zoo import answer_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+    rng = random.Random(0)
+
+    def row(prompt: int, answer: int) -> dict[str, list[int]]:
+        ids = [rng.randrange(1, 50) for _ in range(prompt + answer)]
+        return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
+
+    short = [row(5, 2), row(7, 2), row(4, 2)]
+    long = [row(40, 12), row(55, 3)]
+    with torch.no_grad():
+        together = model(**pad_text(short + long, pad_token_id=0)).loss
+        apart = answer_loss(model, [short, long], pad_token_id=0)
+        naive = (model(**pad_text(short, 0)).loss + model(**pad_text(long, 0)).loss) / 2
+    assert torch.allclose(apart, together, atol=1e-5)
+    assert not torch.allclose(naive, together, atol=1e-3)  # the groups weigh by their answer tokens
+
+
 def test_clip_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_clip(tmp_path / "clip", image_size=112)
