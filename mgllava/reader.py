@@ -15,8 +15,8 @@ short-answer post-prompt. The negatives follow the "random", "popular" and "adve
 strategies, and half of the questions are "yes". A share of the training questions
 (``choice_share``) are "choose" questions instead ("Is the circle red or blue?"): their answer
 is a word of the question, which teaches the answer position to look back at the question
-across the post-prompt. Without them a small LLM stays at chance (README, "Teaching the tiny
-LLM to read objects").
+across the post-prompt. Without them a small LLM stays at chance (docs/findings.md, "Why the
+LLM did not read").
 
 Held-out accuracy is measured on existence questions, by comparing the logits of the two
 answer tokens. If an LLM cannot learn this from perfect features, no vision tower will make

@@ -224,7 +224,7 @@ def instruction_tune_on_text(
     So ``option_share`` of the rows are four-option questions about a training scene told in
     words (:func:`~mgllava.world.questions.four_option_question`) and ``lookup_share`` bare
     letter lookups (:func:`~mgllava.world.questions.letter_lookup`), fresh ones each step; with
-    the lookups in the mix the binding is learnt (README, "The embedded default"). Returns each
+    the lookups in the mix the binding is learnt (docs/findings.md). Returns each
     step's loss.
     """
     import random

@@ -66,7 +66,7 @@ def _instruction_pairs(rng: random.Random, ann: dict) -> list[tuple[str, str]]:
     The choose questions ("Is the circle red or blue?") carry the lesson the existence questions
     need but do not teach a small LLM on their own: the answer is a word of the question, so
     the answer position learns to look back at the question and then up among the objects
-    (``mgllava probe-reader --choice-share``; README, "Measured on a 2-core CPU")."""
+    (``mgllava probe-reader --choice-share``; docs/findings.md, "Why the LLM did not read")."""
     qas = [
         q.existence(rng, ann, present=present, strategy=rng.choice(q.POPE_STRATEGIES))
         for present in (True, True, False, False)
