@@ -93,7 +93,7 @@ def fit(parameters, steps: int, lr: float, loss_of_step, weight_decay: float = 0
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     # OneCycleLR needs two steps or more; one more than taken keeps a single step valid
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps + 1, pct_start=0.1)
-    losses = []
+    losses, log_every = [], max(1, steps // 10)
     for step in range(steps):
         loss = loss_of_step(step)
         optimizer.zero_grad()
@@ -102,8 +102,8 @@ def fit(parameters, steps: int, lr: float, loss_of_step, weight_decay: float = 0
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if name and (step + 1) % max(1, steps // 10) == 0:
-            recent = losses[-max(1, steps // 10):]
+        if name and (step + 1) % log_every == 0:
+            recent = losses[-log_every:]
             log.info("%s: step %d/%d, loss %.3f", name, step + 1, steps, sum(recent) / len(recent))
     return losses
 

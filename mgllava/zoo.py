@@ -181,9 +181,9 @@ def pretrain_on_text(
 
     from mgllava.tower_pretraining import fit
 
-    stream = []
+    encode, stream = _encoder(tokenizer), []
     for text in texts:
-        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        stream += [tokenizer.bos_token_id, *encode(text)]
     n_blocks = len(stream) // block
     blocks = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)  # (n_blocks, block)
     generator = torch.Generator().manual_seed(0)
@@ -256,7 +256,7 @@ def instruction_tune_on_text(
         if kind == "option":
             while (mc := q.four_option_question(rng, scene := rng.choice(scenes))) is None:
                 pass
-            return tokenized([("human", f"{q.caption(scene)}\n{mc[0]}"), ("gpt", mc[1])])
+            return tokenized([("human", _told(scene, mc[0])), ("gpt", mc[1])])
         return rng.choice(conversations)
 
     kinds = ("lookup", "option", "conversation")
@@ -286,6 +286,14 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
         losses.append(model(**batch).loss)  # mean over the group's answer tokens
         answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
     return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
+
+
+def _told(ann: dict, question: str) -> str:
+    """A question about a scene told in words: the scene's caption, then the question, as
+    :func:`_described` puts an instruction conversation's first turn."""
+    from mgllava.world import questions as q
+
+    return f"{q.caption(ann)}\n{question}"
 
 
 def _encoder(tokenizer):
@@ -320,7 +328,7 @@ def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v
     encode = _encoder(tokenizer)
 
     def picks(ann: dict, question: str, candidates: tuple[str, ...], answer: str) -> bool:
-        ids, _ = chat.tokenize(encode, [("human", f"{q.caption(ann)}\n{question}")], tokenizer.bos_token_id,
+        ids, _ = chat.tokenize(encode, [("human", _told(ann, question))], tokenizer.bos_token_id,
                                add_generation_prompt=True)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # (V,)
