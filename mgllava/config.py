@@ -142,6 +142,13 @@ class DataConfig(_Section):
     finetune_json: str = Field("{work_dir}/world/instruct.json", description="LLaVA-Instruct JSON")
     boxes_dir: str = Field("{work_dir}/boxes", description="Parquet box tables (detect stage output)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    allow_absolute_image_paths: bool = Field(
+        False,
+        description="accept absolute 'image' paths in corpora (off: every image must lie below image_root)",
+    )
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, description="training rejects larger images (the same limit as detection's)"
+    )
     cache_image_features: bool = Field(
         False,
         description="encode each image once with the frozen encoders before a training stage and keep the "
@@ -212,6 +219,9 @@ class TrainConfig(_Section):
     finetune: StageConfig
     seed: int = 0
     output_dir: str = "{work_dir}/train"
+    keep_checkpoints: int = Field(
+        2, ge=1, description="DeepSpeed checkpoints kept per stage (older ones are deleted after each save)"
+    )
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -74,3 +74,41 @@ def tiny_config(tiny_world, tiny_zoo, tmp_path):
     from mgllava.config import load_config
 
     return load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path / "work"))
+
+
+class FaultLedger:
+    """Tally of the fault-injection and hostile-input tests, printed at the end of the run.
+
+    A test records each fault it injected (a kill -9, a corrupt file, a hostile input), whether the
+    pipeline survived it (recovered, or refused it with a clear error), and how many rows it lost.
+    """
+
+    def __init__(self):
+        self.rows: list[tuple[str, bool, int]] = []
+
+    def record(self, fault: str, survived: bool, rows_lost: int = 0) -> None:
+        self.rows.append((fault, bool(survived), int(rows_lost)))
+
+    def totals(self) -> dict:
+        return {
+            "faults_injected": len(self.rows),
+            "survived": sum(s for _, s, _ in self.rows),
+            "rows_lost": sum(n for _, _, n in self.rows),
+        }
+
+
+_LEDGER = FaultLedger()
+
+
+@pytest.fixture(scope="session")
+def fault_ledger() -> FaultLedger:
+    return _LEDGER
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LEDGER.rows:
+        t = _LEDGER.totals()
+        terminalreporter.write_line(
+            f"fault injection: {t['faults_injected']} faults injected, {t['survived']} survived, "
+            f"{t['rows_lost']} rows lost"
+        )
