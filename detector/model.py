@@ -16,6 +16,11 @@ For closed-set models, ``classes`` restricts the output to those class names.
 
 A model YAML builds random weights under a fixed seed (0), so every process
 (local or a Dask worker) builds the same detector.
+
+Weights files are third-party input: :func:`ultralytics_safe_load` makes
+Ultralytics unpickle them with ``torch.load(weights_only=True)`` and its
+allow-list of model classes (and build models without ``eval``), whatever the
+environment says; a file that needs anything else is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import pickle
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,6 +138,46 @@ def resolve_device(device: str) -> str:
     return str(device)
 
 
+def ultralytics_safe_load() -> None:
+    """Force Ultralytics' safe loading in this process and the processes it starts.
+
+    Ultralytics unpickles checkpoints with ``weights_only=False`` (any code may run) unless its
+    ``ULTRALYTICS_SAFE_LOAD`` flag is on; the flag is read once, when ``ultralytics.utils`` is imported,
+    into the ``SAFE_LOAD`` globals that ``ultralytics.nn.tasks.torch_safe_load`` and ``_SafeLoad`` consult.
+    So this sets those globals (the package may already be imported) and the variable (for data-loader
+    and other child processes). With the flag on, checkpoints load with ``weights_only=True`` plus an
+    allow-list of Ultralytics/torch model classes, and model YAMLs are parsed without ``eval``.
+    """
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
+    import ultralytics.utils
+    from ultralytics.nn import tasks
+
+    safe_load = getattr(tasks, "_SafeLoad", None)
+    if not hasattr(tasks, "SAFE_LOAD") or safe_load is None or not safe_load.SUPPORTED:
+        raise DetectorError(
+            "this Ultralytics/torch has no safe (weights_only) checkpoint loading; detector weights are "
+            "not loaded without it (needs ultralytics>=8.4.190 and torch>=2.6)"
+        )
+    ultralytics.utils.SAFE_LOAD = True
+    tasks.SAFE_LOAD = True
+
+
+def load_weights(path: str | Path):
+    """An Ultralytics model (``YOLO`` routes RT-DETR / YOLO-World / YOLOE checkpoints by their head) from a
+    weights file, through safe loading only; a file that safe loading cannot read is refused."""
+    from ultralytics import YOLO
+
+    ultralytics_safe_load()
+    try:
+        return YOLO(str(path))
+    except (TypeError, pickle.UnpicklingError, ModuleNotFoundError) as exc:
+        raise DetectorError(
+            f"refused to load detector weights {path}: safe loading (torch weights_only=True with Ultralytics' "
+            f"allow-list of model classes) cannot read it, and a file that needs more could run code when "
+            f"unpickled; use weights saved by Ultralytics ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def _is_yaml(path: Path) -> bool:
     return path.suffix.lower() in (".yaml", ".yml")
 
@@ -139,13 +186,14 @@ def _build(path: Path):
     import torch
     from ultralytics import RTDETR, YOLO
 
+    ultralytics_safe_load()
     if _is_yaml(path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(YAML_SEED)
             if "rtdetr" in path.stem.lower():
                 return RTDETR(str(path))
             return YOLO(str(path))
-    return YOLO(str(path))  # routes RT-DETR / YOLO-World / YOLOE checkpoints by their head
+    return load_weights(path)
 
 
 def _load_embeddings(file: str, classes: tuple[str, ...] | None):
@@ -326,4 +374,4 @@ def get_detector(settings: DetectorSettings) -> Detector:
         return det
 
 
-__all__ = ["Detector", "DetectorSettings", "get_detector", "params_json", "file_sha256"]
+__all__ = ["Detector", "DetectorSettings", "get_detector", "load_weights", "params_json", "file_sha256", "ultralytics_safe_load"]

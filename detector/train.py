@@ -6,6 +6,11 @@ measures mAP50 of ``best.pt`` on the dataset's held-out split (``test`` when
 ``<out>/weights/metrics.json``. If mAP50 is below ``min_map50`` it raises
 :class:`DetectorQualityError` (the weights and the JSON, with ``"passed":
 false``, are kept for inspection).
+
+Third-party files run no code: weights load through Ultralytics' safe loading
+(:func:`detector.model.ultralytics_safe_load`), and a dataset YAML with a
+``download`` key (which Ultralytics would execute as Python or shell when an
+image folder is missing) is refused before Ultralytics sees it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,25 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-def _heldout_split(data: Path) -> str:
+def _read_dataset_yaml(data: Path) -> dict:
+    """The dataset YAML as a mapping; refused if it has a ``download`` key (code Ultralytics would run)."""
+    if data.suffix.lower() not in (".yaml", ".yml"):
+        raise DetectorError(f"dataset {data}: expected a YOLO dataset YAML (.yaml)")
     try:
-        spec = yaml.safe_load(data.read_text()) or {}
+        spec = yaml.safe_load(data.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise DetectorError(f"cannot read dataset YAML {data}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise DetectorError(f"dataset YAML {data} is not a mapping of keys (train, val, names...)")
+    if "download" in spec:
+        raise DetectorError(
+            f"dataset YAML {data} has a 'download' key, which Ultralytics runs as Python or shell code: refused; "
+            "remove the key and give local image folders"
+        )
+    return spec
+
+
+def _heldout_split(data: Path, spec: dict) -> str:
     if "val" not in spec and "test" not in spec:
         raise DetectorError(f"dataset YAML {data} names no 'val' or 'test' split to measure mAP50 on")
     return "test" if spec.get("test") else "val"
@@ -52,16 +71,23 @@ def train_detector(
     """Train ``base`` (a model YAML: from scratch; a ``.pt``: fine-tune) on ``data``; return the metrics."""
     from ultralytics import YOLO
 
-    from detector.model import file_sha256, resolve_device, torch_threads_kept
+    from detector.model import (
+        file_sha256,
+        load_weights,
+        resolve_device,
+        torch_threads_kept,
+        ultralytics_safe_load,
+    )
 
     data = Path(data).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     if not data.is_file():
         raise DetectorError(f"dataset YAML not found: {data}")
     base_path = Path(base).expanduser()
-    if base_path.suffix.lower() not in (".yaml", ".yml") and not base_path.is_file():
+    is_yaml = base_path.suffix.lower() in (".yaml", ".yml")
+    if not is_yaml and not base_path.is_file():
         raise DetectorError(f"base weights not found: {base} (weights cannot be downloaded here)")
-    split = _heldout_split(data)
+    split = _heldout_split(data, _read_dataset_yaml(data))
     device = resolve_device(device)
     if out.exists():  # a fresh run: Ultralytics would otherwise resume or mix old and new files
         for name in ("weights", "results.csv", "args.yaml"):
@@ -69,9 +95,10 @@ def train_detector(
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    ultralytics_safe_load()
     with torch_threads_kept():
         t0 = time.perf_counter()
-        model = YOLO(str(base_path) if base_path.exists() else base)
+        model = YOLO(str(base_path) if base_path.exists() else base) if is_yaml else load_weights(base_path)
         kwargs = dict(
             data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
             project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False, seed=seed,
@@ -84,7 +111,7 @@ def train_detector(
         best = out / "weights" / "best.pt"
         if not best.is_file():
             raise DetectorError(f"training finished without writing {best}")
-        metrics = YOLO(str(best)).val(
+        metrics = load_weights(best).val(
             data=str(data), split=split, imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
             workers=workers, project=str(out), name="val", exist_ok=True,
         )
