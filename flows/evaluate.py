@@ -6,7 +6,9 @@ model (:func:`mgllava.eval.lmms_model.load_model`), so memory grows with the num
 benchmarks in flight only by their data and activations. A benchmark that fails becomes a
 ``failed`` result with its error; the others carry on. Results are written from the flow's
 own thread, one benchmark per transaction, as they complete, so parallel tasks never write
-to DuckDB at the same time and a crash keeps what finished before it.
+to DuckDB at the same time and a crash keeps what finished before it. Whatever ends the run
+early (an error, an interrupt) marks it ``failed`` in ``eval_runs`` with the reason
+(:func:`warehouse.eval.failure_recorded`).
 """
 
 from __future__ import annotations
@@ -44,38 +46,39 @@ def evaluate(model_dir: str, preset: str | None = None, config_file: str | None 
     """
     from mgllava.config import load_config
     from mgllava.eval.runner import BenchmarkResult, prepare_evaluation
-    from warehouse.eval import record_run_end, score_table, write_task_result
+    from warehouse.eval import failure_recorded, record_run_end, score_table, write_task_result
 
     logger = get_run_logger()
     config = load_config(preset=preset, path=config_file, overrides=overrides or [])
     run = prepare_evaluation(config, model_dir, tasks, run_id, db_path=db_path)
     logger.info("evaluation run %s of %s: %s", run.run_id, run.checkpoint,
                 ", ".join(f"{p.name} ({p.status})" for p in run.plans))
-    results, futures = [], {}
-    for plan in run.plans:
-        if plan.status == "ready":
-            future = benchmark_task.submit(plan.name, asdict(plan), run.include_path, run.model_kwargs, run.limit,
-                                           run.output_dir)
-            futures[future] = plan
-        else:
-            results.append(BenchmarkResult(plan.name, plan.task, plan.status, plan.reason).to_json())
-            write_task_result(run.run_id, run.checkpoint, results[-1], db_path=db_path)
-            logger.info("%s skipped: %s", plan.name, plan.reason)
-    for future in as_completed(list(futures)):
-        plan = futures[future]
-        try:
-            result = future.result()
-        except Exception as exc:  # the task itself crashed (run_benchmark reports its own errors)
-            result = BenchmarkResult(plan.name, plan.task, "failed", f"{type(exc).__name__}: {exc}",
-                                     plan.data_dir).to_json()
-        write_task_result(run.run_id, run.checkpoint, result, db_path=db_path)
-        results.append(result)
-        if result["status"] == "completed":
-            logger.info("%s: %d samples in %.1f s: %s", plan.name, result["n"], result["seconds"],
-                        ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
-        else:
-            logger.error("%s failed: %s", plan.name, result["reason"].splitlines()[0])
-    record_run_end(run.run_id, results, db_path=db_path)
+    with failure_recorded(run.run_id, db_path=db_path):  # however the run ends early, it is marked failed
+        results, futures = [], {}
+        for plan in run.plans:
+            if plan.status == "ready":
+                future = benchmark_task.submit(plan.name, asdict(plan), run.include_path, run.model_kwargs, run.limit,
+                                               run.output_dir)
+                futures[future] = plan
+            else:
+                results.append(BenchmarkResult(plan.name, plan.task, plan.status, plan.reason).to_json())
+                write_task_result(run.run_id, run.checkpoint, results[-1], db_path=db_path)
+                logger.info("%s skipped: %s", plan.name, plan.reason)
+        for future in as_completed(list(futures)):
+            plan = futures[future]
+            try:
+                result = future.result()
+            except Exception as exc:  # the task itself crashed (run_benchmark reports its own errors)
+                result = BenchmarkResult(plan.name, plan.task, "failed", f"{type(exc).__name__}: {exc}",
+                                         plan.data_dir).to_json()
+            write_task_result(run.run_id, run.checkpoint, result, db_path=db_path)
+            results.append(result)
+            if result["status"] == "completed":
+                logger.info("%s: %d samples in %.1f s: %s", plan.name, result["n"], result["seconds"],
+                            ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
+            else:
+                logger.error("%s failed: %s", plan.name, result["reason"].splitlines()[0])
+        record_run_end(run.run_id, results, db_path=db_path)
     columns, rows = score_table(checkpoint=run.checkpoint, db_path=db_path)
     return [dict(zip(columns, row)) for row in rows]
 

@@ -174,7 +174,7 @@ def test_results_replace_and_read_only(tmp_path, capsys):
 
     with pytest.raises(duckdb.Error):
         read_only_query("DELETE FROM scores", db_path=db)
-    assert cli(["results", "--db", str(db), "--sql", "INSERT INTO scores VALUES ('x','x','x','x',1,1,NULL)"]) == 1
+    assert cli(["results", "--db", str(db), "--sql", "INSERT INTO scores VALUES ('x','x','x','x',1,1,NULL)"]) == 2  # refused (issue 18)
     assert "read-only" in capsys.readouterr().err
     assert cli(["results", "--db", str(db)]) == 0
     out = capsys.readouterr().out

@@ -4,8 +4,17 @@
   retrying while another process holds DuckDB's single-writer lock, and (for a
   writable connection) makes sure every table of :data:`TABLES` exists.
 - :data:`TABLES` is the one list of ``CREATE TABLE IF NOT EXISTS`` statements:
-  other stages add theirs there (runs, training steps, scores, predictions...),
-  and :func:`ensure_schema` runs them all, idempotently, in one transaction.
+  other stages add theirs there (runs, training steps, scores, predictions...);
+  :data:`MIGRATIONS` adds the columns that came later (``ADD COLUMN IF NOT
+  EXISTS``), so an existing warehouse and a new one end with the same tables;
+  :func:`ensure_schema` runs them all, idempotently, in one transaction.
+- A reader or writer that cannot get the file within its wait gets
+  :class:`WarehouseBusy`: one line naming the file and the process holding it.
+- :func:`insert_arrow` bulk-inserts a ``pyarrow`` table (one statement, not one per row);
+  :func:`transaction` wraps work in BEGIN / COMMIT, rolling back on any exception.
+- :func:`sandboxed_query` runs one user-supplied read-only statement with DuckDB's
+  external access off (except the box-table directories the views read), extensions
+  neither installed nor loaded, and the configuration locked.
 - :func:`create_box_views` (re)creates the views ``boxes``, ``box_rejects``,
   ``box_detections`` (one row per box) and ``box_images`` (one row per image,
   with its box count and labels) over a box-table directory's Parquet files.
@@ -22,10 +31,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from mgllava.config import mgllava_home
 
@@ -160,7 +173,19 @@ TABLES: list[str] = [
     )""",
 ]
 
-WAREHOUSE_SCHEMA_VERSION = "1"
+# Columns added after a table was first declared, for existing warehouses and new ones alike.
+MIGRATIONS: list[str] = [
+    # why a run failed (status 'failed'), and the process that ran it (a 'running' row whose process is gone
+    # is marked failed by the next run)
+    "ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS reason VARCHAR",
+    "ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS pid BIGINT",
+    "ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS host VARCHAR",
+    "ALTER TABLE train_stages ADD COLUMN IF NOT EXISTS reason VARCHAR",
+    # true when a later evaluation of the (checkpoint, task) failed or was skipped: the score is from run_id
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS stale BOOLEAN DEFAULT false",
+]
+
+WAREHOUSE_SCHEMA_VERSION = "2"
 
 BOX_VIEWS = ("boxes", "box_rejects", "box_detections", "box_images")
 _GLOB_CHARS = set("*?[]{}")
@@ -170,6 +195,17 @@ def default_path() -> Path:
     return mgllava_home() / WAREHOUSE_FILE
 
 
+class WarehouseBusy(TimeoutError):
+    """Another process held the warehouse file for longer than the caller would wait."""
+
+    def __init__(self, path: str | Path, timeout: float, error: Exception):
+        holder = re.search(r"held in (.+?) \(PID (\d+)\)", str(error))
+        by = f"process {holder.group(2)} ({holder.group(1)})" if holder else "another process"
+        super().__init__(f"the warehouse {path} is locked by {by}; waited {timeout:.1f} s: "
+                         "try again when that process has finished")
+        self.path = Path(path)
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text or "already open" in text
@@ -177,19 +213,20 @@ def _is_lock_error(exc: Exception) -> bool:
 
 def open_with_retry(path: str | Path, read_only: bool = False, timeout: float = 30.0,
                     interval: float = 0.1) -> duckdb.DuckDBPyConnection:
-    """``duckdb.connect`` that waits (up to ``timeout`` s) while another process holds the file's lock."""
+    """``duckdb.connect`` that waits (up to ``timeout`` s) while another process holds the file's lock.
+
+    Raises :class:`WarehouseBusy` when the lock is still held after ``timeout``.
+    """
     deadline = time.monotonic() + timeout
     delay = interval
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
-            if not _is_lock_error(exc) or time.monotonic() >= deadline:
-                if _is_lock_error(exc):
-                    raise TimeoutError(
-                        f"DuckDB warehouse {path} stayed locked by another process for {timeout:.0f} s: {exc}"
-                    ) from exc
+            if not _is_lock_error(exc):
                 raise
+            if time.monotonic() >= deadline:
+                raise WarehouseBusy(path, timeout, exc) from exc
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 2.0)
 
@@ -205,20 +242,60 @@ def connect(path: str | Path | None = None, read_only: bool = False, timeout: fl
     return con
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table of :data:`TABLES` that is missing (idempotent)."""
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN; COMMIT when the block ends, ROLLBACK if it raises (a KeyboardInterrupt too)."""
     con.execute("BEGIN TRANSACTION")
     try:
-        for statement in TABLES:
-            con.execute(statement)
-        con.execute(
-            "INSERT INTO schema_info VALUES ('warehouse_schema_version', ?) ON CONFLICT (key) DO NOTHING",
-            [WAREHOUSE_SCHEMA_VERSION],
-        )
-        con.execute("COMMIT")
-    except Exception:
+        yield con
+    except BaseException:
         con.execute("ROLLBACK")
         raise
+    con.execute("COMMIT")
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table of :data:`TABLES` that is missing, add the :data:`MIGRATIONS` columns (idempotent)."""
+    with transaction(con):
+        for statement in TABLES + MIGRATIONS:
+            con.execute(statement)
+        con.execute(
+            "INSERT INTO schema_info VALUES ('warehouse_schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [WAREHOUSE_SCHEMA_VERSION],
+        )
+
+
+def upgrade(path: str | Path, timeout: float = 30.0) -> None:
+    """Bring the warehouse file at ``path`` to :data:`WAREHOUSE_SCHEMA_VERSION` if it is older.
+
+    For readers, whose read-only connections cannot add the columns their queries name.
+    """
+    with open_with_retry(path, read_only=True, timeout=timeout) as con:
+        version = con.execute(
+            "SELECT value FROM schema_info WHERE key = 'warehouse_schema_version'").fetchone()
+    if version != (WAREHOUSE_SCHEMA_VERSION,):
+        connect(path, timeout=timeout).close()
+
+
+TABLE_NAMES = frozenset(re.search(r"EXISTS (\w+)", statement).group(1) for statement in TABLES)
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, replace: bool = False) -> None:
+    """Insert the rows of ``data`` into the warehouse table ``table``, matching columns by name.
+
+    One ``INSERT ... SELECT`` over the registered Arrow table: the rows go in as columns, not one
+    statement per row. Columns of ``table`` missing from ``data`` get their defaults. ``replace``
+    makes it ``INSERT OR REPLACE`` (rows with an existing primary key are replaced).
+    """
+    if table not in TABLE_NAMES:
+        raise ValueError(f"{table!r} is not a warehouse table")
+    view = f"_arrow_rows_{table}"
+    con.register(view, data)
+    try:
+        con.execute(f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} BY NAME SELECT * FROM {view}")
+    finally:
+        con.unregister(view)
 
 
 def sql_string(value: str) -> str:
@@ -291,3 +368,74 @@ def register_box_table(box_dir: str | Path, path: str | Path | None = None) -> N
     with connect(path) as con:
         record_box_run(con, box_dir)
         create_box_views(con, box_dir)
+
+
+class RefusedQuery(duckdb.PermissionException):
+    """A user query that :func:`sandboxed_query` will not run (not exactly one read-only statement)."""
+
+
+READ_ONLY_KINDS = "SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN of one of those"
+_EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s*(\([^)]*\)\s*)?(ANALYZE\s+)?", re.IGNORECASE)
+
+
+def read_only_statement(sql: str) -> str:
+    """The single read-only statement in ``sql``, as DuckDB's own parser splits and classifies it.
+
+    DuckDB parses WITH, FROM-first, VALUES, DESCRIBE, SHOW and SUMMARIZE as SELECT statements;
+    an EXPLAIN passes when what it explains is one. Anything else raises :class:`RefusedQuery`.
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise RefusedQuery(f"cannot parse the query: {first_line(exc)}") from exc
+    if len(statements) != 1:
+        raise RefusedQuery(f"give exactly one statement, not {len(statements)}")
+    statement = statements[0]
+    if statement.type == duckdb.StatementType.EXPLAIN:
+        explained = _EXPLAIN_PREFIX.sub("", statement.query, count=1)
+        if explained != statement.query:
+            read_only_statement(explained)
+            return statement.query
+    if statement.type != duckdb.StatementType.SELECT:
+        raise RefusedQuery(f"{statement.type.name} statements do not run here: only read-only queries "
+                           f"({READ_ONLY_KINDS})")
+    return statement.query
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message (DuckDB adds the query and a caret below it)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _box_table_dirs(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The directories of the recorded box tables (what the box views read), each ending in ``/``."""
+    dirs = set()
+    for (out_dir,) in con.execute("SELECT out_dir FROM box_runs").fetchall():
+        dirs.update({str(Path(out_dir)).rstrip("/") + "/", str(Path(out_dir).resolve()).rstrip("/") + "/"})
+    return sorted(dirs)
+
+
+def sandboxed_query(path: str | Path, sql: str, params: list | None = None,
+                    timeout: float = 5.0) -> tuple[list[str], list[tuple]]:
+    """Run one user-supplied read-only statement on the warehouse: ``(column names, rows)``.
+
+    The statement is checked by :func:`read_only_statement`; the connection is read-only, with
+    file access off except the recorded box-table directories (``box_runs.out_dir``, which the
+    box views read), extensions neither installed nor autoloaded, and the configuration locked,
+    so no statement can turn any of it back on. Refusals raise :class:`RefusedQuery`, a file or
+    extension the query may not touch ``duckdb.PermissionException``.
+    """
+    statement = read_only_statement(sql)
+    with open_with_retry(path, read_only=True, timeout=timeout) as con:
+        for setting, value in (
+            ("allowed_directories", _box_table_dirs(con)),
+            ("enable_external_access", False),
+            ("autoinstall_known_extensions", False),
+            ("autoload_known_extensions", False),
+            ("lock_configuration", True),
+        ):
+            con.execute(f"SET {setting} = ?", [value])
+        cursor = con.execute(statement, params or [])
+        if cursor.description is None:
+            return [], []
+        return [d[0] for d in cursor.description], cursor.fetchall()

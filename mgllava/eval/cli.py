@@ -2,8 +2,12 @@
 
 - ``evaluate --model DIR [--tasks pope,mmbench] [--max-workers N]``: the Prefect flow
   ``evaluate``; prints the score table.
-- ``results [--checkpoint DIR] [--task NAME]``: the score table from the warehouse;
-  ``results --sql "SELECT ..."``: any query, on a read-only connection (writes are refused).
+- ``results [--checkpoint DIR] [--task NAME]``: the score table from the warehouse (``stale``
+  marks a score that a later failed or skipped evaluation left standing);
+  ``results --sql "SELECT ..."``: one read-only query, sandboxed (:func:`warehouse.db.sandboxed_query`):
+  anything else is refused with one line and exit code 2.
+
+A warehouse held by another process gives one line naming the file and the process, exit code 1.
 - ``chat --model DIR --image PATH "question"``: detect, print the boxes, answer;
   ``--interactive``: a multi-turn chat, questions from stdin until EOF or ``exit``.
 
@@ -63,14 +67,19 @@ def register_cli(subparsers) -> None:
         "results",
         help="print the score table, or run a read-only SQL query on the warehouse",
         description="Print the warehouse's score table (one row per checkpoint, task and metric; failed and "
-        "skipped benchmarks with their reason), or with --sql run any query on a read-only connection. "
-        "Tables: eval_runs, eval_tasks, scores, predictions, train_stages, train_steps, box_runs.",
+        "skipped benchmarks with their reason; stale = the score is from an earlier run, score_run, because "
+        "a later evaluation failed or was skipped), or with --sql run one read-only query (SELECT, WITH, "
+        "DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) with file access limited to the box tables; anything else is "
+        "refused (exit code 2). Tables: eval_runs, eval_tasks, scores, predictions, train_stages, "
+        "train_steps, box_runs; views: boxes, box_rejects, box_detections, box_images.",
     )
-    res.add_argument("--sql", help='a read-only query, e.g. "SELECT task, avg(score) FROM predictions GROUP BY 1"')
+    res.add_argument("--sql", help='one read-only query, e.g. "SELECT task, avg(score) FROM predictions GROUP BY 1"')
     res.add_argument("--checkpoint", help="only this checkpoint (export directory)")
     res.add_argument("--task", help="only this benchmark")
     res.add_argument("--db", help="warehouse file (default $MGLLAVA_HOME/warehouse.duckdb)")
     res.add_argument("--max-width", type=int, default=60, help="truncate cells to this many characters")
+    res.add_argument("--wait", type=float, default=5.0,
+                     help="seconds to wait for a warehouse another process is writing (default 5)")
     res.set_defaults(func=_results)
 
     chat = subparsers.add_parser(
@@ -94,12 +103,17 @@ def register_cli(subparsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import run_evaluate
     from mgllava.cli import config_from_args
+    from warehouse.db import WarehouseBusy
 
     config_from_args(args)  # validate the configuration before starting Prefect
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    rows = run_evaluate(args.model, max_workers=args.max_workers, preset=args.preset, config_file=args.config,
-                        overrides=args.overrides, tasks=tasks, run_id=args.run_id)
-    columns = ["task", "status", "metric", "value", "n", "reason"]
+    try:
+        rows = run_evaluate(args.model, max_workers=args.max_workers, preset=args.preset, config_file=args.config,
+                            overrides=args.overrides, tasks=tasks, run_id=args.run_id)
+    except WarehouseBusy as exc:
+        print(f"mgllava evaluate: {exc}", file=sys.stderr)
+        return 1
+    columns = ["task", "status", "metric", "value", "stale", "n", "reason"]
     print(format_table(columns, [tuple(r[c] for c in columns) for r in rows]))
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
@@ -107,15 +121,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     import duckdb
 
+    from warehouse.db import WarehouseBusy, first_line
     from warehouse.eval import read_only_query, score_table
 
     try:
         if args.sql:
-            columns, rows = read_only_query(args.sql, db_path=args.db)
+            columns, rows = read_only_query(args.sql, db_path=args.db, timeout=args.wait)
         else:
-            columns, rows = score_table(args.checkpoint, args.task, db_path=args.db)
-    except (duckdb.Error, FileNotFoundError) as exc:
-        print(f"mgllava results: {exc}", file=sys.stderr)
+            columns, rows = score_table(args.checkpoint, args.task, db_path=args.db, timeout=args.wait)
+    except duckdb.PermissionException as exc:  # not one read-only statement, or a file it may not touch
+        print(f"mgllava results: refused: {first_line(exc)}", file=sys.stderr)
+        return 2
+    except (duckdb.Error, FileNotFoundError, WarehouseBusy) as exc:
+        print(f"mgllava results: {first_line(exc)}", file=sys.stderr)
         return 1
     print(format_table(columns, rows, args.max_width))
     return 0
