@@ -12,7 +12,10 @@
 
 It is idempotent: what is already running (recorded in
 ``$MGLLAVA_HOME/services.json`` and alive) is kept. ``down`` stops exactly the
-processes ``up`` started, worker first, and nothing else.
+processes ``up`` started, worker first, and nothing else: ``up`` records each
+process's identity (PID, start time and command line, from psutil), and a PID
+whose start time or command line no longer match (the process ended and the
+PID went to another one) is left alone with a message.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from mgllava.config import mgllava_home
 
@@ -67,6 +72,33 @@ def _alive(pid: int | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (FileNotFoundError, IndexError):
         return True
+
+
+def _identity(pid: int) -> dict:
+    """What identifies the live process ``pid``: its PID, start time and command line."""
+    process = psutil.Process(pid)
+    return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
+
+
+def _not_ours(entry: dict) -> str | None:
+    """Why the live PID of ``entry`` is not the process ``up`` recorded there, or None when it is."""
+    if "create_time" not in entry or "cmdline" not in entry:
+        return "no start time or command line was recorded for it"
+    try:
+        now = _identity(entry["pid"])
+    except psutil.Error:
+        return None  # gone: nothing of anyone's to stop
+    if abs(now["create_time"] - entry["create_time"]) > 0.01:
+        return (f"it started at {time.ctime(now['create_time'])}, the recorded process at "
+                f"{time.ctime(entry['create_time'])}")
+    if now["cmdline"] != entry["cmdline"]:
+        return f"its command line is {' '.join(now['cmdline'])!r}, not {' '.join(entry['cmdline'])!r}"
+    return None
+
+
+def _running(entry: dict | None) -> bool:
+    """Whether the process ``up`` recorded in ``entry`` is alive (not merely its PID)."""
+    return bool(entry) and _alive(entry.get("pid")) and _not_ours(entry) is None
 
 
 def prefect_env(api_url: str) -> dict[str, str]:
@@ -127,7 +159,7 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
     else:
         api_url = f"http://{HOST}:{port}/api"
         server = state.get("server") or {}
-        if _alive(server.get("pid")) and _healthy(server.get("api_url", "")):
+        if _running(server) and _healthy(server.get("api_url", "")):
             api_url = server["api_url"]
             log.info("Prefect server already running (pid %d) at %s", server["pid"], api_url)
         else:
@@ -138,7 +170,7 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
                 )
             command = _prefect("server", "start", "--host", HOST, "--port", str(port))
             pid = _spawn(command, prefect_env(api_url), logs / "prefect-server.log")
-            state["server"] = {"pid": pid, "api_url": api_url, "log": str(logs / "prefect-server.log")}
+            state["server"] = {**_identity(pid), "api_url": api_url, "log": str(logs / "prefect-server.log")}
             _write_state(state)
             log.info("starting Prefect server (pid %d) at %s", pid, api_url)
             _wait_healthy(api_url, server_timeout, logs / "prefect-server.log")
@@ -156,12 +188,12 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
     log.info("deployed prefect.yaml (%s)", REPO_ROOT / "prefect.yaml")
 
     worker = state.get("worker") or {}
-    if _alive(worker.get("pid")):
+    if _running(worker):
         log.info("worker already running (pid %d) on pool %r", worker["pid"], POOL)
     else:
         command = _prefect("worker", "start", "--pool", POOL, "--type", "process")
         pid = _spawn(command, env, logs / "prefect-worker.log")
-        state["worker"] = {"pid": pid, "pool": POOL, "log": str(logs / "prefect-worker.log")}
+        state["worker"] = {**_identity(pid), "pool": POOL, "log": str(logs / "prefect-worker.log")}
         log.info("started worker (pid %d) on pool %r", pid, POOL)
     _write_state(state)
     return state
@@ -183,13 +215,26 @@ def _stop(pid: int, name: str, timeout: float = 20.0) -> None:
 
 
 def down() -> dict:
-    """Stop the worker and the server that :func:`up` started (and nothing else)."""
+    """Stop the worker and the server that :func:`up` started (and nothing else).
+
+    Returns the state that was recorded, each entry with ``down``: ``stopped``, ``not running``,
+    or ``left alone: <why>`` for a PID that now belongs to another process.
+    """
     state = _read_state()
     for name in ("worker", "server"):
         entry = state.get(name)
-        if entry:
-            _stop(entry["pid"], name)
-            log.info("stopped %s (pid %d)", name, entry["pid"])
+        if not entry:
+            continue
+        pid, why = entry["pid"], _not_ours(entry)
+        if not _alive(pid):
+            entry["down"] = "not running"
+        elif why:
+            entry["down"] = f"left alone: pid {pid} is not the {name} `mgllava up` started: {why}"
+            log.warning("%s", entry["down"])
+        else:
+            _stop(pid, name)
+            entry["down"] = "stopped"
+            log.info("stopped %s (pid %d)", name, pid)
     state_file().unlink(missing_ok=True)
     return state
 
@@ -198,8 +243,8 @@ def status() -> dict:
     state = _read_state()
     return {
         "api_url": state.get("api_url"),
-        "server": _alive((state.get("server") or {}).get("pid")),
-        "worker": _alive((state.get("worker") or {}).get("pid")),
+        "server": _running(state.get("server")),
+        "worker": _running(state.get("worker")),
     }
 
 
@@ -232,5 +277,9 @@ def _up(args) -> int:
 
 def _down(args) -> int:
     state = down()
-    print("stopped: " + (", ".join(k for k in ("worker", "server") if state.get(k)) or "nothing was running"))
+    entries = [(name, state[name]["down"]) for name in ("worker", "server") if state.get(name)]
+    for name, outcome in entries:
+        print(f"{name}: {outcome}")
+    if not entries:
+        print("nothing was running")
     return 0

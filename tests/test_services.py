@@ -1,0 +1,61 @@
+"""`mgllava down` stops only the processes `mgllava up` recorded: same PID, start time and command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import psutil
+import pytest
+
+from mgllava import services
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that `up` did not start (its own process group, as `up`'s children are)."""
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _record(**entries) -> None:
+    services.state_file().parent.mkdir(parents=True, exist_ok=True)
+    services.state_file().write_text(json.dumps(entries))
+
+
+def _running(process) -> bool:
+    return process.poll() is None
+
+
+def _identity(pid: int) -> dict:
+    process = psutil.Process(pid)
+    return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
+
+
+@pytest.mark.parametrize("recorded", [
+    pytest.param(lambda me: {**me, "create_time": me["create_time"] - 3600}, id="another start time"),
+    pytest.param(lambda me: {**me, "cmdline": ["prefect", "worker", "start"]}, id="another command line"),
+    pytest.param(lambda me: {"pid": me["pid"]}, id="no identity recorded"),
+])
+def test_down_leaves_an_unrelated_process_alone(sleeper, capsys, fault_ledger, recorded):
+    _record(worker=recorded(_identity(sleeper.pid)))
+    assert services._down(None) == 0
+    out = capsys.readouterr().out
+    fault_ledger.record("mgllava down with a recycled PID", _running(sleeper))
+    assert _running(sleeper)
+    assert f"worker: left alone: pid {sleeper.pid}" in out
+    assert not services.state_file().exists()
+    _record(worker=recorded(_identity(sleeper.pid)))
+    assert services.status()["worker"] is False  # `up` would start a new worker, not adopt this one
+
+
+def test_down_stops_the_recorded_process(sleeper, capsys):
+    _record(worker=_identity(sleeper.pid), server={"pid": 2**22 + 7, "create_time": 0.0, "cmdline": []})
+    assert services.status()["worker"] is True
+    state = services.down()
+    assert sleeper.wait(timeout=10) is not None
+    assert state["worker"]["down"] == "stopped" and state["server"]["down"] == "not running"
+    assert not psutil.pid_exists(sleeper.pid) or psutil.Process(sleeper.pid).status() == psutil.STATUS_ZOMBIE
+    assert services.down() == {}
