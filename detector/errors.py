@@ -16,4 +16,9 @@ class DetectorQualityError(RuntimeError):
 
 
 class RunConflictError(RuntimeError):
-    """The output directory holds a box table of a different run (other inputs or detector)."""
+    """The output directory holds a box table of a different run (other inputs or detector), or another
+    run is writing it now (its lock is held)."""
+
+
+class BoxTableError(ValueError):
+    """A box table that cannot be trusted: unfinished, or a shard whose bytes differ from its recorded checksum."""

@@ -2,40 +2,52 @@
 
 Output directory layout (``out``)::
 
-    manifest.json            inputs, detector identity, settings, shard list, totals, status
+    manifest.json            inputs, detector identity, settings, shard list with checksums, totals, status
     plan.parquet             image_key, path, shard: the frozen assignment of images to shards
     boxes/part-00000.parquet one row per usable image (schema: detector/SCHEMA.md)
     rejects/part-00000.parquet one row per unusable image (key, reason, detail, ...)
+    shards/part-00000.json   the finished shard's record: run fingerprint, sha256 of its two files
+    .lock                    the run lock (who holds it)
 
 Shard assignment is deterministic: the distinct image keys sorted, cut into
 consecutive runs of ``shard_size``. Each shard writes its rejects file, then
-its boxes file, each to a temporary name renamed atomically into place; a
-shard is finished when both files exist and carry this run's fingerprint in
-their Parquet metadata. A killed run restarted with the same inputs and
-detector therefore redoes only unfinished shards, never leaves partial files
-under a ``*.parquet`` name, and never duplicates a row. The run fingerprint
-hashes the schema version, the image keys with their files (path, size,
-mtime), the detector's name, weights hash and parameters, and the shard size;
-a finished run with the same fingerprint is recognised and skipped. An output
-directory holding a different run is refused unless ``overwrite=True``.
+its boxes file, then its record, each to a temporary name that is fsynced,
+renamed atomically into place, and its folder fsynced; a shard is finished
+when its record names this run's fingerprint and both files still hash to the
+sha256 it records. A killed run restarted with the same inputs and detector
+therefore redoes only unfinished (or corrupted: logged) shards, never leaves
+partial files under a ``*.parquet`` name, and never duplicates a row. The run
+fingerprint hashes the schema version, the image keys with their files (path,
+size, mtime), the detector's name, weights hash and parameters, and the shard
+size; a finished run with the same fingerprint whose files all verify is
+skipped. An output directory holding a different run is refused unless
+``overwrite=True``.
 
-One writer per output directory at a time (shards of one run may run in
-parallel, e.g. on Dask workers sharing the file system).
+One run per output directory at a time: the process that drives a run holds
+an exclusive ``flock`` on ``.lock`` (:func:`run_lock`) from planning to
+finishing, and :func:`prepare_run` / :func:`finalize_run` (which rewrite the
+directory and remove a killed run's temporary files) refuse to run without
+it; a second run gets :class:`RunConflictError`. The shards of the run holding
+the lock may run in parallel elsewhere (threads, Dask worker processes sharing
+the file system): each writes only its own files.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,17 +56,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from detector import schema
-from detector.errors import RunConflictError
+from detector.errors import BoxTableError, RunConflictError
 from detector.images import LoadedImage, Rejected, load_image
 from detector.inputs import Inputs, collect_inputs
 from detector.model import DetectorSettings, get_detector, params_json
+from detector.tables import MANIFEST_FILE, checksum_problem, sha256_file
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "plan.parquet"
 BOXES_DIR = "boxes"
 REJECTS_DIR = "rejects"
+SHARDS_DIR = "shards"
+LOCK_FILE = ".lock"
 TMP_MARK = ".tmp-"
 
 Progress = Callable[[int, int], None]  # (images done, images total)
@@ -62,6 +76,10 @@ Progress = Callable[[int, int], None]  # (images done, images total)
 
 def shard_file(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def shard_record(index: int) -> str:
+    return f"{SHARDS_DIR}/part-{index:05d}.json"
 
 
 def _now() -> dt.datetime:
@@ -75,21 +93,34 @@ def _iso(t: dt.datetime) -> str:
 # --------------------------------------------------------------------------- small file helpers
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name, fsync it, rename it to ``path``, fsync the folder: after a crash
+    ``path`` holds the old bytes or all of the new ones."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write a Parquet file (zstd) with :func:`_atomic_write_bytes`."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def read_manifest(out: str | Path) -> dict | None:
@@ -104,8 +135,9 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 
 def _remove_stale_temps(out: Path) -> int:
+    """Remove temporary files of killed runs (only under the run lock: no other run is writing)."""
     removed = 0
-    for sub in (BOXES_DIR, REJECTS_DIR, "."):
+    for sub in (BOXES_DIR, REJECTS_DIR, SHARDS_DIR, "."):
         folder = out / sub
         if folder.is_dir():
             for p in folder.iterdir():
@@ -113,6 +145,61 @@ def _remove_stale_temps(out: Path) -> int:
                     p.unlink(missing_ok=True)
                     removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------- the run lock
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[str]:
+    """Hold the exclusive lock of the box-table directory ``out`` for one run; yield the run's id.
+
+    An ``flock`` on ``out/.lock``, released when the block ends or the process dies (even by kill -9).
+    A second run on the same directory, from any process or thread, gets :class:`RunConflictError`
+    naming the holder. Needs a file system with working ``flock`` (local disks; NFS v4).
+    """
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise RunConflictError(
+                f"{out} is being written by another detection run (lock {path} held by {holder}); wait for it "
+                "to finish, or give another output directory"
+            ) from None
+        run_id = uuid.uuid4().hex
+        holder = json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                             "since": _iso(_now())})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield run_id
+    finally:
+        os.close(fd)
+
+
+def _require_lock(out: Path, run_id: str) -> None:
+    """Refuse to change ``out`` as a whole unless the run ``run_id`` holds its lock (in any process)."""
+    path = out / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError):
+        holder = None
+    held = False
+    if holder == run_id:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held = True
+        finally:
+            os.close(fd)
+    if not held:
+        raise RunConflictError(f"{out}: run {run_id[:12]} does not hold the directory's lock {path} (see run_lock)")
 
 
 # --------------------------------------------------------------------------- planning
@@ -156,19 +243,37 @@ class RunPlan:
     manifest: dict
 
 
-def shard_done(out: Path, index: int, fingerprint: str) -> bool:
-    """Both files of the shard exist and belong to the run ``fingerprint``."""
+def _write_shard_record(out: Path, index: int, fingerprint: str) -> dict:
+    """Record the finished shard: the run's fingerprint and the sha256 of its two files as written."""
+    files = {f"{sub}/{shard_file(index)}": sha256_file(out / sub / shard_file(index)) for sub in (REJECTS_DIR, BOXES_DIR)}
+    record = {"shard": index, "fingerprint": fingerprint, "sha256": files}
+    _atomic_write_bytes(out / shard_record(index), (json.dumps(record, indent=1) + "\n").encode())
+    return record
+
+
+def shard_problem(out: Path, index: int, fingerprint: str) -> str | None:
+    """Why shard ``index`` is not a finished shard of the run ``fingerprint`` (None when it is): no record,
+    another run's record, or a file whose bytes no longer hash to the recorded sha256."""
+    path = out / shard_record(index)
+    if not path.is_file():
+        return "not written"
+    try:
+        record = json.loads(path.read_text())
+        if record["fingerprint"] != fingerprint:
+            return "written by another run"
+        files = record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path}: unreadable record ({exc})"
     for sub in (REJECTS_DIR, BOXES_DIR):
-        path = out / sub / shard_file(index)
-        if not path.is_file():
-            return False
-        try:
-            meta = pq.read_schema(path).metadata or {}
-        except Exception:  # unreadable (should not happen with atomic renames): redo it
-            return False
-        if meta.get(schema.META_RUN, b"").decode() != fingerprint:
-            return False
-    return True
+        name = f"{sub}/{shard_file(index)}"
+        problem = checksum_problem(out / name, files.get(name))
+        if problem:
+            return problem
+    return None
+
+
+def shard_done(out: Path, index: int, fingerprint: str) -> bool:
+    return shard_problem(out, index, fingerprint) is None
 
 
 def prepare_run(
@@ -178,10 +283,14 @@ def prepare_run(
     image_root: str | Path | None = None,
     shard_size: int = 256,
     overwrite: bool = False,
+    *,
+    run_id: str,
 ) -> RunPlan:
-    """Collect inputs, identify the detector, write plan + manifest (or find the run done)."""
+    """Collect inputs, identify the detector, write plan + manifest (or find the run done).
+
+    ``run_id``: from the :func:`run_lock` held on ``out`` (by this or another process)."""
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _require_lock(out, run_id)
     inputs = collect_inputs(sources, image_root=image_root, materialise_root=out / "images")
     detector = get_detector(settings)
     identity = detector.identity()
@@ -198,7 +307,7 @@ def prepare_run(
                 "give another output directory or overwrite it (--overwrite)"
             )
         log.warning("overwriting the box table of another run in %s", out)
-        for sub in (BOXES_DIR, REJECTS_DIR):
+        for sub in (BOXES_DIR, REJECTS_DIR, SHARDS_DIR):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / PLAN_FILE).unlink(missing_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)
@@ -206,9 +315,9 @@ def prepare_run(
     stale = _remove_stale_temps(out)
     if stale:
         log.info("removed %d temporary file(s) left by an interrupted run", stale)
-    for sub in (BOXES_DIR, REJECTS_DIR):
+    for sub in (BOXES_DIR, REJECTS_DIR, SHARDS_DIR):
         (out / sub).mkdir(exist_ok=True)
-        for p in (out / sub).glob("part-*.parquet"):  # shards beyond this plan cannot belong to it
+        for p in (out / sub).glob("part-*.*"):  # shards beyond this plan cannot belong to it
             try:
                 index = int(p.stem.split("-")[1])
             except (IndexError, ValueError):
@@ -216,7 +325,14 @@ def prepare_run(
             if index >= n_shards:
                 p.unlink()
 
-    pending = [i for i in range(n_shards) if not shard_done(out, i, fingerprint)]
+    pending = []
+    for i in range(n_shards):
+        problem = shard_problem(out, i, fingerprint)
+        if problem is None:
+            continue
+        if problem != "not written":
+            log.warning("shard %d of %s is redone: %s", i, out, problem)
+        pending.append(i)
     if old is not None and old.get("status") == "complete" and not pending:
         return RunPlan(out, fingerprint, n_images, n_shards, [], True, old)
 
@@ -233,6 +349,7 @@ def prepare_run(
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "fingerprint": fingerprint,
+        "run_id": run_id,
         "status": "running",
         "created_at": (old or {}).get("created_at") or _iso(_now()),
         "finished_at": None,
@@ -374,9 +491,12 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
 
     boxes_table = pa.Table.from_pydict(rows, schema=schema.boxes_schema(fingerprint, index))
     rejects_table = pa.Table.from_pydict(rejects, schema=schema.rejects_schema(fingerprint, index))
-    # rejects first: the boxes file appearing is what marks the shard finished
+    if (read_manifest(out) or {}).get("run_id") != manifest.get("run_id"):  # e.g. a task outliving its run
+        raise RunConflictError(f"shard {index}: another run took over {out} while it ran; its result is dropped")
+    # the record, written last, is what marks the shard finished
     _atomic_write_table(rejects_table, out / REJECTS_DIR / shard_file(index))
     _atomic_write_table(boxes_table, out / BOXES_DIR / shard_file(index))
+    _write_shard_record(out, index, fingerprint)
     n_boxes = sum(len(b) for b in rows["boxes"])
     seconds = time.perf_counter() - t0
     return ShardResult(
@@ -387,9 +507,12 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
 # --------------------------------------------------------------------------- finishing
 
 
-def finalize_run(out: str | Path, computed: list[int] | None = None, started_at: str | None = None) -> dict:
-    """Check every shard, reconcile the totals with the plan, mark the manifest complete."""
+def finalize_run(out: str | Path, computed: list[int] | None = None, started_at: str | None = None, *,
+                 run_id: str) -> dict:
+    """Verify every shard against its record, reconcile the totals with the plan, and mark the manifest
+    complete with each shard's file checksums (``run_id``: as for :func:`prepare_run`)."""
     out = Path(out).expanduser().resolve()
+    _require_lock(out, run_id)
     manifest = read_manifest(out)
     fingerprint = manifest["fingerprint"]
     plan_counts = pq.read_table(out / PLAN_FILE, columns=["shard"]).group_by("shard").aggregate([("shard", "count")])
@@ -397,8 +520,12 @@ def finalize_run(out: str | Path, computed: list[int] | None = None, started_at:
     shards, totals = [], {"images": 0, "rows": 0, "rejects": 0, "boxes": 0}
     reasons: dict[str, int] = {}
     for index in range(manifest["n_shards"]):
-        if not shard_done(out, index, fingerprint):
-            raise RuntimeError(f"shard {index} of {out} is not finished; run the detection again to complete it")
+        problem = shard_problem(out, index, fingerprint)
+        if problem:
+            raise BoxTableError(
+                f"shard {index} of {out} is not finished ({problem}); run the detection again to complete it"
+            )
+        sums = json.loads((out / shard_record(index)).read_text())["sha256"]
         rows, rejects, boxes = _shard_counts(out, index)
         if rows + rejects != expected.get(index, 0):
             raise RuntimeError(
@@ -410,7 +537,9 @@ def finalize_run(out: str | Path, computed: list[int] | None = None, started_at:
             {
                 "index": index,
                 "boxes_file": f"{BOXES_DIR}/{shard_file(index)}",
+                "boxes_sha256": sums[f"{BOXES_DIR}/{shard_file(index)}"],
                 "rejects_file": f"{REJECTS_DIR}/{shard_file(index)}",
+                "rejects_sha256": sums[f"{REJECTS_DIR}/{shard_file(index)}"],
                 "images": rows + rejects,
                 "rows": rows,
                 "rejects": rejects,
@@ -466,9 +595,16 @@ def run_detection(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> DetectResult:
-    """Detect boxes on every distinct image of ``sources`` into the box table ``out`` (in-process)."""
+    """Detect boxes on every distinct image of ``sources`` into the box table ``out`` (in-process), holding
+    the directory's :func:`run_lock` throughout."""
+    with run_lock(out) as run_id:
+        return _run_locked(sources, out, settings, image_root, shard_size, overwrite, progress, run_id)
+
+
+def _run_locked(sources, out, settings, image_root, shard_size, overwrite, progress, run_id) -> DetectResult:
     started = _iso(_now())
-    plan = prepare_run(sources, out, settings, image_root=image_root, shard_size=shard_size, overwrite=overwrite)
+    plan = prepare_run(sources, out, settings, image_root=image_root, shard_size=shard_size, overwrite=overwrite,
+                       run_id=run_id)
     if plan.complete:
         log.info("box table %s is already complete for these inputs and detector (run %s): skipped",
                  plan.out, plan.fingerprint[:12])
@@ -495,5 +631,5 @@ def run_detection(
             "shard %d (%d/%d pending): %d images, %d boxes, %d rejects, %.1f images/s",
             index, k + 1, len(plan.pending), res.images, res.boxes, res.rejects, res.images / max(res.seconds, 1e-9),
         )
-    manifest = finalize_run(plan.out, computed=plan.pending, started_at=started)
+    manifest = finalize_run(plan.out, computed=plan.pending, started_at=started, run_id=run_id)
     return DetectResult(plan.out, manifest, skipped=False, computed_shards=list(plan.pending))

@@ -4,7 +4,10 @@ Wiring only; the work is in :mod:`detector.pipeline`. Locally the shards run one
 after another in this process (the model already uses every core); given a
 Dask scheduler address they run as tasks on that cluster
 (``prefect_dask.DaskTaskRunner(address=...)``), whose workers must see the same
-file system. Both write the same box table.
+file system. Both write the same box table. The flow holds the output
+directory's run lock (:func:`detector.pipeline.run_lock`) in its own process
+from planning to finishing, so a second run on the same directory is refused
+while the shard tasks, wherever they run, write their own files.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 @task(name="detect-prepare", cache_policy=NO_CACHE)  # never cached: the files on disk are the state
 def prepare_task(sources: list[str], out: str, image_root: str | None, settings: dict, shard_size: int,
-                 overwrite: bool) -> dict:
+                 overwrite: bool, run_id: str) -> dict:
     from detector.pipeline import _settings_from_manifest, prepare_run
 
     plan = prepare_run(sources, out, _settings_from_manifest({"settings": settings}), image_root=image_root,
-                       shard_size=shard_size, overwrite=overwrite)
+                       shard_size=shard_size, overwrite=overwrite, run_id=run_id)
     return {"out": str(plan.out), "fingerprint": plan.fingerprint, "n_images": plan.n_images,
             "n_shards": plan.n_shards, "pending": plan.pending, "complete": plan.complete,
             "manifest": plan.manifest}
@@ -39,10 +42,10 @@ def shard_task(out: str, index: int) -> dict:
 
 
 @task(name="detect-finalize", cache_policy=NO_CACHE)
-def finalize_task(out: str, computed: list[int], started_at: str) -> dict:
+def finalize_task(out: str, computed: list[int], started_at: str, run_id: str) -> dict:
     from detector.pipeline import finalize_run
 
-    return finalize_run(out, computed=computed, started_at=started_at)
+    return finalize_run(out, computed=computed, started_at=started_at, run_id=run_id)
 
 
 @task(name="detect-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -60,11 +63,18 @@ def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | 
 
     ``settings``: :meth:`detector.model.DetectorSettings.to_json`. Returns the manifest.
     """
+    from detector.pipeline import run_lock
+
+    with run_lock(out) as run_id:
+        return _detect_locked(sources, out, settings, image_root, shard_size, overwrite, run_id)
+
+
+def _detect_locked(sources, out, settings, image_root, shard_size, overwrite, run_id) -> dict:
     import datetime as dt
 
     logger = get_run_logger()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    plan = prepare_task(sources, out, image_root, settings, shard_size, overwrite)
+    plan = prepare_task(sources, out, image_root, settings, shard_size, overwrite, run_id)
     if plan["complete"]:
         logger.info("box table %s is already complete for these inputs and detector (run %s): skipped",
                     plan["out"], plan["fingerprint"][:12])
@@ -82,7 +92,7 @@ def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | 
         logger.info("shard %d done (%d/%d shards, %d/%d images, %.0f%%): %d boxes, %d rejects",
                     res["shard"], k, len(pending), done_images, todo_images,
                     100.0 * done_images / max(todo_images, 1), res["boxes"], res["rejects"])
-    manifest = finalize_task(plan["out"], pending, started)
+    manifest = finalize_task(plan["out"], pending, started, run_id)
     register_task(plan["out"])
     t = manifest["totals"]
     logger.info("detect: %d images: %d rows (%d boxes), %d rejects -> %s", t["images"], t["rows"], t["boxes"],

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest
+from test_detect import make_images, settings
 
 from detector.errors import DetectorError
 from detector.model import Detector, DetectorSettings
@@ -95,3 +96,104 @@ def test_dataset_yaml_with_download_is_refused(tmp_path, fault_ledger):
     assert not marker.exists(), "Ultralytics ran the dataset's download script"
     assert isinstance(refused.value, DetectorError)
     assert f"dataset YAML {data} has a 'download' key" in str(refused.value) and "refused" in str(refused.value)
+
+
+# --------------------------------------------------------------------------- durable box tables
+
+
+def _rows(out):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out / "boxes").drop_columns(["detected_at"]).sort_by("image_key").to_pylist()
+
+
+def test_corrupted_shard_is_refused_by_readers_and_redone(tmp_path, caplog, fault_ledger):
+    import hashlib
+    import json
+    import logging
+
+    from detector import pipeline
+    from detector.errors import BoxTableError
+    from detector.tables import read_box_index
+
+    images = tmp_path / "images"
+    make_images(images, 6)
+    out = tmp_path / "out"
+    first = pipeline.run_detection([images], out, settings(conf=0.99), shard_size=3)
+    for shard in first.manifest["shards"]:
+        for kind in ("boxes", "rejects"):
+            data = (out / shard[f"{kind}_file"]).read_bytes()
+            assert shard[f"{kind}_sha256"] == hashlib.sha256(data).hexdigest()
+    before, (by_key, _) = _rows(out), read_box_index(out)
+    assert sorted(by_key) == [r["image_key"] for r in before]
+
+    victim = out / "boxes" / "part-00001.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one flipped bit: same size, the footer still parses
+    victim.write_bytes(bytes(data))
+    with pytest.raises(BoxTableError, match=f"{victim}: content sha256 .* differs"):
+        read_box_index(out)
+
+    with caplog.at_level(logging.WARNING, logger="detector.pipeline"):
+        again = pipeline.run_detection([images], out, settings(conf=0.99), shard_size=3)
+    assert not again.skipped and again.computed_shards == [1]
+    assert f"shard 1 of {out} is redone: {victim}: content sha256" in caplog.text
+    assert _rows(out) == before and sorted(read_box_index(out)[0]) == sorted(by_key)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    fault_ledger.record("bit flip in a box shard", survived=_rows(out) == before)
+
+
+def test_second_run_on_one_directory_is_refused_and_its_temporaries_survive(tmp_path, fault_ledger):
+    import subprocess
+    import sys
+
+    from detector import pipeline
+    from detector.errors import RunConflictError
+
+    images = tmp_path / "images"
+    make_images(images, 2)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from detector.pipeline import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "boxes").mkdir()
+        theirs = out / "boxes" / f".part-00000.parquet{pipeline.TMP_MARK}{holder.pid}-0a1b2c3d"
+        theirs.write_bytes(b"being written by the other run")
+        with pytest.raises(RunConflictError, match=f"being written by another detection run .*\"pid\": {holder.pid}"):
+            pipeline.run_detection([images], out, settings(conf=0.99))
+        assert theirs.exists()
+        with pytest.raises(RunConflictError, match="does not hold the directory's lock"):
+            pipeline.prepare_run([images], out, settings(conf=0.99), run_id="not-the-holder")
+        assert theirs.exists() and not (out / "manifest.json").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    fault_ledger.record("second detect run on a busy output directory", survived=theirs.exists())
+    res = pipeline.run_detection([images], out, settings(conf=0.99))  # the lock died with its holder
+    assert res.manifest["totals"]["rows"] == 2 and not theirs.exists()
+
+
+def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import stat
+
+    from detector import pipeline
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    pipeline._atomic_write_bytes(tmp_path / "manifest.json", b"{}")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert (tmp_path / "manifest.json").read_bytes() == b"{}" and os.listdir(tmp_path) == ["manifest.json"]
