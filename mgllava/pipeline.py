@@ -106,23 +106,31 @@ def box_table_fingerprint(config: Config) -> str:
     return json.loads(manifest.read_text()).get("fingerprint", "") if manifest.exists() else "none"
 
 
-def train_key(config: Config, stage: str) -> str:
-    """Key of a training stage: model, stage recipe, corpus, boxes, starting weights."""
+def _train_inputs(config: Config, stage: str) -> dict:
+    """What a training stage's output depends on, by name (in :func:`train_key`'s order)."""
     upstream = (
         file_digest(Path(config.train.output_dir) / "pretrain" / "trainable.safetensors")
         if stage == "finetune"
         else tree_digest(config.model.llm.path)
     )
-    return _digest(
-        "train",
-        stage,
-        config.model.model_dump(mode="json"),
-        getattr(config.train, stage).model_dump(mode="json"),
-        config.train.seed,
-        corpus_digest(config, stage),
-        box_table_fingerprint(config),
-        upstream,
-    )
+    return {
+        "model": config.model.model_dump(mode="json"),
+        "stage recipe": getattr(config.train, stage).model_dump(mode="json"),
+        "seed": config.train.seed,
+        "corpus": corpus_digest(config, stage),
+        "boxes": box_table_fingerprint(config),
+        "upstream weights": upstream,
+    }
+
+
+def train_key(config: Config, stage: str) -> str:
+    """Key of a training stage: model, stage recipe, corpus, boxes, starting weights."""
+    return _digest("train", stage, *_train_inputs(config, stage).values())
+
+
+def train_key_parts(config: Config, stage: str) -> dict[str, str]:
+    """A digest of each input of :func:`train_key`, by name: what a refused resume names as changed."""
+    return {name: _digest(value) for name, value in _train_inputs(config, stage).items()}
 
 
 def reset_stage(config: Config, stage: str) -> None:

@@ -20,6 +20,7 @@ the LLM (stage ``finetune``). Checkpoints: :meth:`MGLLaVA.save_trainable` /
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -342,20 +343,36 @@ class MGLLaVA(nn.Module):
         convnext/                   the open_clip ConvNeXt directory, copied (frozen, unchanged)
         mgllava_projectors.safetensors   fusion, projector, box projector
         mgllava_config.json         ModelConfig with paths relative to the directory
+
+        It is written to a hidden directory beside ``directory`` and renamed into place (an
+        existing export is renamed aside first, then deleted), so ``directory`` is never
+        half-written, even if the process is killed. Leftovers of a killed export are removed.
         """
         from transformers import CLIPImageProcessor
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.llm.save_pretrained(directory / "llm")
-        self.processor.tokenizer.save_pretrained(directory / "llm")
-        self.low_res_encoder.clip.save_pretrained(directory / "clip")
-        CLIPImageProcessor.from_pretrained(self.config.vision.clip_path).save_pretrained(directory / "clip")
-        shutil.copytree(self.config.vision.convnext_path, directory / "convnext", dirs_exist_ok=True)
-        save_file(self.projector_state_dict(), directory / EXPORT_PROJECTORS)
-        config = self.config.model_copy(deep=True)
-        config.llm.path, config.vision.clip_path, config.vision.convnext_path = "llm", "clip", "convnext"
-        (directory / EXPORT_CONFIG).write_text(config.model_dump_json(indent=2))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.parent.glob(f".{directory.name}.*-*"):
+            shutil.rmtree(leftover)
+        staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+        try:
+            self.llm.save_pretrained(staging / "llm")
+            self.processor.tokenizer.save_pretrained(staging / "llm")
+            self.low_res_encoder.clip.save_pretrained(staging / "clip")
+            CLIPImageProcessor.from_pretrained(self.config.vision.clip_path).save_pretrained(staging / "clip")
+            shutil.copytree(self.config.vision.convnext_path, staging / "convnext")
+            save_file(self.projector_state_dict(), staging / EXPORT_PROJECTORS)
+            config = self.config.model_copy(deep=True)
+            config.llm.path, config.vision.clip_path, config.vision.convnext_path = "llm", "clip", "convnext"
+            (staging / EXPORT_CONFIG).write_text(config.model_dump_json(indent=2))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        if directory.exists():
+            directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
         return directory
 
 

@@ -5,9 +5,19 @@ plain process (it then sets them for a world of one). On a CPU machine set
 ``DS_ACCELERATOR=cpu``; precision ``auto`` is bf16 on GPUs and fp32 on CPU.
 
 Resume: a checkpoint is written every ``save_every`` optimizer steps and at the end,
-with the step in DeepSpeed's client state. A restarted job loads the newest one and
-skips exactly the micro-batches already trained on (:func:`micro_batch_order`), so
-the data order and the loss curve continue where they stopped.
+with the step in DeepSpeed's client state; once every rank has written its part, rank 0
+marks it complete (``step_N/complete``) and deletes all but the newest ``keep_checkpoints``.
+A restarted job loads the newest complete checkpoint whose files open (a warning names
+each one passed over, and an empty or dangling ``latest`` tag) and skips exactly the
+micro-batches already trained on (:func:`micro_batch_order`), so the data order and the
+loss curve continue where they stopped. With a ``content_key`` (what the stage's output
+depends on, by part), checkpoints made under another key are refused by
+:class:`ResumeRefused`, naming the parts that changed, instead of being resumed.
+
+Fault injection (the kill -9 tests): ``MGLLAVA_FAULT=<point>:<step>`` makes
+:func:`fault_point` SIGKILL the process at that point of that step: ``step`` (between
+two micro-batches), ``checkpoint`` (saved, not yet marked complete), ``warehouse``
+(inside the metric write's transaction, see :mod:`mgllava.train.job`).
 """
 
 from __future__ import annotations
@@ -15,8 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,11 +37,25 @@ from pathlib import Path
 
 import torch
 
-from mgllava.config import StageConfig
+from mgllava.config import ConfigError, StageConfig
 from mgllava.model.vision import FrozenImageFeatures
 from mgllava.train.schedule import StepPlan, deepspeed_config, micro_batch_order, plan_steps
 
 log = logging.getLogger(__name__)
+
+FAULT_ENV = "MGLLAVA_FAULT"
+COMPLETE = "complete"  # the file that marks a checkpoint whose every part was written
+CONTENT_KEY = "content_key.json"  # in the checkpoint directory: the key its checkpoints were made under
+
+
+class ResumeRefused(ConfigError):
+    """The stage's checkpoints were made from other inputs than this run's."""
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process if ``MGLLAVA_FAULT`` is ``<name>:<step>`` (fault-injection tests only)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -49,6 +76,7 @@ class StageResult:
     checkpoint_dir: Path
     metrics: list[StepMetrics] = field(default_factory=list)  # steps run by this process
     skipped: Counter = field(default_factory=Counter)  # reason -> unusable samples, over the whole stage
+    final_loss: float | None = None  # the last step's loss (from the checkpoint if this run trained none)
 
 
 def ensure_distributed_env() -> None:
@@ -88,9 +116,108 @@ def to_device(batch, device, dtype: torch.dtype | None = None):
     return batch
 
 
-def _latest_step(checkpoint_dir: Path) -> int:
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The ``step_N`` directories, newest first."""
+    found = [p for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def _unusable(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None: not marked complete, or a file that does not open."""
+    if not (checkpoint / COMPLETE).is_file():
+        return "not marked complete (the run stopped while saving it)"
+    for part in sorted(checkpoint.glob("*.pt")):
+        try:
+            zipfile.ZipFile(part).close()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{part.name} does not open ({exc})"
+    return None
+
+
+def resume_candidates(checkpoint_dir: Path, stage_name: str) -> list[Path]:
+    """The usable checkpoints, newest first; a warning names each one passed over and a bad ``latest``."""
     latest = checkpoint_dir / "latest"
-    return int(latest.read_text().strip().removeprefix("step_")) if latest.exists() else 0
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not tag:
+            log.warning("%s: %s is empty; looking for the newest usable checkpoint", stage_name, latest)
+        elif not (checkpoint_dir / tag).is_dir():
+            log.warning("%s: %s names %s, which does not exist; looking for the newest usable checkpoint",
+                        stage_name, latest, tag)
+    usable = []
+    for checkpoint in _checkpoints(checkpoint_dir):
+        reason = _unusable(checkpoint)
+        if reason:
+            log.warning("%s: passing over checkpoint %s: %s", stage_name, checkpoint, reason)
+        else:
+            usable.append(checkpoint)
+    return usable
+
+
+def check_content_key(checkpoint_dir: Path, content_key: dict, stage_name: str) -> None:
+    """Refuse checkpoints made under another content key; record the key where there are none.
+
+    ``content_key`` is ``{"key": digest, "parts": {name: digest}}``; the refusal names the parts that
+    differ. Called on rank 0 before any checkpoint is loaded.
+    """
+    recorded_file = checkpoint_dir / CONTENT_KEY
+    if _checkpoints(checkpoint_dir):
+        recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
+        if recorded is None or recorded["key"] != content_key["key"]:
+            parts = (recorded or {}).get("parts", {})
+            changed = [name for name, digest in content_key["parts"].items() if parts.get(name) != digest]
+            what = (f"were made from other inputs ({', '.join(changed)} changed)" if recorded
+                    else "carry no content key (made by an older version)")
+            raise ResumeRefused(
+                f"{stage_name}: the checkpoints in {checkpoint_dir} {what}; resuming them would train the "
+                f"wrong run. Start the stage over with `mgllava train --stage {stage_name} --fresh` "
+                f"(or delete {checkpoint_dir.parent})"
+            )
+        return
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    partial = recorded_file.with_suffix(".tmp")
+    partial.write_text(json.dumps(content_key, indent=2))
+    partial.replace(recorded_file)
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete every ``step_N`` directory but the newest ``keep`` complete ones."""
+    kept = 0
+    for checkpoint in _checkpoints(checkpoint_dir):
+        if kept < keep and (checkpoint / COMPLETE).is_file():
+            kept += 1
+        else:
+            shutil.rmtree(checkpoint)
+
+
+def _resume(engine, checkpoint_dir: Path, stage_name: str, rank: int, world_size: int) -> dict | None:
+    """Load the newest usable checkpoint into ``engine``; its client state, or None if there is none.
+
+    Rank 0 picks the candidates (every rank loads the same one). A checkpoint that still fails to
+    load passes to the one before it; if that was the last, the run stops (the engine may hold part
+    of it), naming the checkpoint and ``--fresh``.
+    """
+    candidates = [resume_candidates(checkpoint_dir, stage_name) if rank == 0 else None]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(candidates, src=0)
+    failed = None
+    for checkpoint in candidates[0]:
+        try:
+            loaded, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=checkpoint.name)
+            if loaded is not None:
+                return client_state
+            failed = f"{checkpoint}: DeepSpeed found nothing to load"
+        except Exception as exc:  # a torn file the open check missed: try the one before
+            failed = f"{checkpoint}: {type(exc).__name__}: {exc}"
+        log.warning("%s: checkpoint did not load (%s); trying the one before", stage_name, failed)
+    if failed:
+        raise RuntimeError(f"{stage_name}: no checkpoint in {checkpoint_dir} loads (last: {failed}); "
+                           f"start over with --fresh")
+    return None
 
 
 def run_stage(
@@ -104,11 +231,15 @@ def run_stage(
     num_workers: int = 0,
     on_metrics: Callable[[list[StepMetrics]], None] | None = None,
     progress: bool = True,
+    keep_checkpoints: int = 2,
+    content_key: dict | None = None,
 ) -> StageResult:
-    """Train ``model`` (its trainable parameters) for one stage; resume if a checkpoint exists.
+    """Train ``model`` (its trainable parameters) for one stage; resume if a usable checkpoint exists.
 
     ``collate`` turns a list of dataset items into a batch dict with the model's keyword
-    arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics`` receives each logging step's metrics (rank 0 only), as they happen.
+    arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics``
+    receives each logging step's metrics (rank 0 only), as they happen. ``content_key``
+    (see :func:`check_content_key`) guards the resume against changed inputs.
     """
     import deepspeed
     from tqdm import tqdm
@@ -127,11 +258,11 @@ def run_stage(
         config=deepspeed_config(stage, plan, precision),
     )
     checkpoint_dir = Path(checkpoint_dir)
-    start_step, result_skipped = 0, Counter()
-    if _latest_step(checkpoint_dir):
-        _, client_state = engine.load_checkpoint(str(checkpoint_dir))
-        start_step = int(client_state["step"])
-        result_skipped = Counter(client_state.get("skipped", {}))
+    if content_key is not None and rank == 0:
+        check_content_key(checkpoint_dir, content_key, stage_name)
+    client_state = _resume(engine, checkpoint_dir, stage_name, rank, world_size) or {}
+    start_step = int(client_state.get("step", 0))
+    if start_step:
         log.info("%s: resumed from %s at step %d/%d", stage_name, checkpoint_dir, start_step, plan.total_steps)
     batches = micro_batch_order(len(dataset), plan, seed, rank)[start_step * plan.grad_accum :]
     loader = torch.utils.data.DataLoader(
@@ -143,7 +274,11 @@ def run_stage(
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     result = StageResult(
-        steps=start_step, resumed_from=start_step, checkpoint_dir=checkpoint_dir, skipped=result_skipped
+        steps=start_step,
+        resumed_from=start_step,
+        checkpoint_dir=checkpoint_dir,
+        skipped=Counter(client_state.get("skipped", {})),
+        final_loss=client_state.get("loss"),
     )
     bar = tqdm(
         total=plan.total_steps,
@@ -167,6 +302,7 @@ def run_stage(
             losses.append(loss.item())
             samples += len(batch["input_ids"])
             tokens += n_tokens
+            fault_point("step", step)
         elapsed = max(time.perf_counter() - step_started, 1e-9)
         grad_norm = engine.get_global_grad_norm()
         metrics = StepMetrics(
@@ -179,15 +315,18 @@ def run_stage(
             skipped=skipped,
         )
         result.metrics.append(metrics)
-        result.steps = step
+        result.steps, result.final_loss = step, metrics.loss
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
         if rank == 0 and on_metrics and (step % stage.log_every == 0 or step == plan.total_steps):
             on_metrics([metrics])  # a resumed run re-logs the steps after its checkpoint: rows are replaced
         if step % stage.save_every == 0 or step == plan.total_steps:
-            engine.save_checkpoint(
-                str(checkpoint_dir), tag=f"step_{step}", client_state={"step": step, "skipped": dict(result.skipped)}
-            )
+            state = {"step": step, "skipped": dict(result.skipped), "loss": metrics.loss}
+            engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step}", client_state=state)  # ends in a barrier
+            fault_point("checkpoint", step)
+            if rank == 0:
+                (checkpoint_dir / f"step_{step}" / COMPLETE).write_text(json.dumps(state))
+                prune_checkpoints(checkpoint_dir, keep_checkpoints)
         step_started = time.perf_counter()  # checkpoints and metric writes are not the next step's time
     bar.close()
     if rank == 0:

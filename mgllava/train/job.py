@@ -7,18 +7,26 @@ metrics, skip tallies and the stage's result in the DuckDB warehouse.
 
 Outputs under ``train.output_dir/<stage>/``::
 
-    checkpoints/                 DeepSpeed checkpoints (resume from here)
+    checkpoints/                 DeepSpeed checkpoints (resume from here), content_key.json
     trainable.safetensors        the stage's trainable weights
     export/                      (finetune) the self-contained model directory
     result.json                  paths, steps, load report and skip tallies
+
+and beside it ``.<stage>.lock`` (held by the running job: a second run of the stage
+stops with :class:`StageBusy`) and ``<stage>.warehouse-pending.jsonl`` (warehouse
+writes made while the warehouse was busy, loaded by the next write that gets it).
+The stage's ``train_stages`` row ends ``completed``, or ``failed`` with the error.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +44,52 @@ def new_run_id() -> str:
 
 def stage_dir(config: Config, stage: str) -> Path:
     return Path(config.train.output_dir) / stage
+
+
+def warehouse_spool(config: Config, stage: str) -> Path:
+    """Where the stage's warehouse writes wait while the warehouse is busy (survives ``--fresh``)."""
+    return Path(config.train.output_dir) / f"{stage}.warehouse-pending.jsonl"
+
+
+LOCK_ENV = "MGLLAVA_STAGE_LOCK"  # the lock file a launching process holds for the job's ranks
+
+
+class StageBusy(RuntimeError):
+    """Another run holds the training stage's output directory."""
+
+
+@contextmanager
+def stage_lock(out: Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``.<stage>.lock`` beside the stage directory ``out`` while the block runs.
+
+    Raises :class:`StageBusy` naming the directory and the holder's pid if another process holds it,
+    except when ``MGLLAVA_STAGE_LOCK`` names this lock: the launcher that started this job holds it.
+    """
+    path = out.parent / f".{out.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_for_us = os.environ.get(LOCK_ENV) == str(path)
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+        else:
+            held_for_us = holder = None
+        if held_for_us:
+            yield path
+            return
+        if holder:
+            raise StageBusy(f"the training output directory {out} is in use by another run (pid {holder}); "
+                            f"wait for it to finish or stop it")
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        try:
+            yield path
+        finally:
+            file.truncate(0)
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def check_stage_inputs(config: Config, stage: str) -> None:
@@ -74,21 +128,50 @@ def load_boxes(boxes_dir: str | Path) -> dict:
 
 
 def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
-    """Run one stage (resuming from its last checkpoint unless ``fresh``); return its result."""
+    """Run one stage (resuming from its last checkpoint unless ``fresh``); return its result (rank 0).
+
+    Rank 0 holds the stage's lock (:func:`stage_lock`) and records the stage in the warehouse;
+    any failure marks its ``train_stages`` row ``failed`` with the error, then propagates.
+    """
     import shutil
 
-    import torch
-
-    from mgllava.model import MGLLaVA, MGLLaVAProcessor
-    from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
-    from mgllava.train.engine import run_stage
+    from mgllava.pipeline import box_table_fingerprint, corpus_digest
     from warehouse import training as warehouse
 
     check_stage_inputs(config, stage)
     run_id = run_id or new_run_id()
     out = stage_dir(config, stage).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    spool = warehouse_spool(config, stage)
+    with stage_lock(out) if rank0 else nullcontext():
+        if fresh and rank0 and out.exists():
+            shutil.rmtree(out)
+        if rank0:
+            warehouse.record_stage_start(
+                run_id, stage, config, corpus_digest(config, stage), box_table_fingerprint(config), spool
+            )
+        try:
+            summary = _train_stage(config, stage, run_id, out, spool if rank0 else None, progress)
+        except BaseException as exc:
+            if rank0:
+                warehouse.record_stage_failed(run_id, stage, f"{type(exc).__name__}: {exc}", spool)
+            raise
+        if rank0:
+            warehouse.record_stage_end(run_id, stage, summary, spool)
+    return summary
+
+
+def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path | None, progress: bool) -> dict:
+    """Build the model and data, train the stage, write its outputs; the summary (rank 0) or {}."""
+    import torch
+
+    from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.pipeline import train_key, train_key_parts
+    from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
+    from mgllava.train.engine import fault_point, run_stage
+    from warehouse import training as warehouse
+
+    content_key = {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
     records, report = load_conversations(getattr(config.data, f"{stage}_json"))
     boxes = load_boxes(config.data.boxes_dir)
 
@@ -106,13 +189,9 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
         cache_image_features(dataset, model.encode_frozen, progress=progress)
 
     def record_metrics(rows) -> None:
-        warehouse.insert_train_steps(run_id, stage, rows)
+        step = rows[-1].step
+        warehouse.insert_train_steps(run_id, stage, rows, spool, before_commit=lambda: fault_point("warehouse", step))
 
-    from mgllava.pipeline import box_table_fingerprint, corpus_digest
-
-    warehouse.record_stage_start(
-        run_id, stage, config, corpus_digest(config, stage), box_table_fingerprint(config)
-    )
     result = run_stage(
         model,
         dataset,
@@ -124,6 +203,8 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
         num_workers=config.data.num_workers,
         on_metrics=record_metrics,
         progress=progress,
+        keep_checkpoints=config.train.keep_checkpoints,
+        content_key=content_key,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
@@ -141,8 +222,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
         "rejected_records": dict(report.rejected),
         "skipped_samples": dict(result.skipped),
         "images_without_boxes": len(dataset.keys_without_boxes),
-        "final_loss": result.metrics[-1].loss if result.metrics else None,
+        "final_loss": result.final_loss,
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
-    warehouse.record_stage_end(run_id, stage, summary)
     return summary

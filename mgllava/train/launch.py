@@ -6,6 +6,9 @@ Multi-node training is the launcher's hostfile (one ``host slots=N`` line per
 node, passwordless ssh between them; see the README). :func:`run_job` streams the
 job's output line by line (to a callback, e.g. a Prefect logger) and raises
 :class:`JobFailed` with the last lines of output when it exits non-zero.
+:func:`run_stage_job` holds the stage's lock (:func:`mgllava.train.job.stage_lock`)
+for the whole job, so its ranks never contend for it, and marks the stage
+``failed`` in the warehouse when the job dies before it could (a killed rank).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import mgllava
 from mgllava.config import Config
-from mgllava.train.job import check_stage_inputs, stage_dir
+from mgllava.train.job import LOCK_ENV, check_stage_inputs, stage_dir, stage_lock, warehouse_spool
 
 RESULT_PREFIX = "MGLLAVA_STAGE_RESULT "  # the job prints its result on one line behind this
 
@@ -64,9 +67,10 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int = 40) -> None:
+def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int = 40,
+            extra_env: dict[str, str] | None = None) -> None:
     """Run ``command``, passing each output line to ``on_line``; raise :class:`JobFailed` on failure."""
-    env = job_env()
+    env = {**job_env(), **(extra_env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
@@ -90,17 +94,25 @@ def run_stage_job(
     fresh: bool = False,
 ) -> dict:
     """Check the stage's inputs, launch it under ``deepspeed``, stream its output; return its result."""
+    from warehouse.training import record_stage_failed
+
     check_stage_inputs(config, stage)
-    command = launch_command(config, stage, run_id, num_gpus, hostfile, fresh)
-    on_line("launching: " + " ".join(command))
-    result: dict = {}
+    with stage_lock(stage_dir(config, stage).resolve()) as lock:
+        command = launch_command(config, stage, run_id, num_gpus, hostfile, fresh)
+        on_line("launching: " + " ".join(command))
+        result: dict = {}
 
-    def forward(line: str) -> None:
-        nonlocal result
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line.removeprefix(RESULT_PREFIX))
-        elif line.strip():
-            on_line(line)
+        def forward(line: str) -> None:
+            nonlocal result
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line.removeprefix(RESULT_PREFIX))
+            elif line.strip():
+                on_line(line)
 
-    run_job(command, forward)
+        try:
+            run_job(command, forward, extra_env={LOCK_ENV: str(lock)})
+        except JobFailed as exc:
+            reason = f"JobFailed: exit code {exc.returncode}" + (f"; last line: {exc.tail[-1]}" if exc.tail else "")
+            record_stage_failed(run_id, stage, reason, warehouse_spool(config, stage))
+            raise
     return result
