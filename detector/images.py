@@ -1,7 +1,14 @@
-"""Reading one image for detection, or saying why it cannot be used.
+"""Reading one image, or saying why it cannot be used: the loader shared by detection,
+training and chat, so each rejects the same files for the same reasons.
 
-Boxes are in the pixel frame of ``PIL.Image.open(path).convert("RGB")``, which
-is how the training side reads images (no EXIF rotation is applied).
+:func:`decode_image` checks, in order: a key refused by :mod:`detector.keys`; the file
+(``missing``, ``not_a_file``, ``empty``, ``unreadable``); the header (``unreadable`` for a
+format outside :data:`FORMATS`; ``too_large`` when width x height exceeds ``max_pixels``
+or Pillow's decompression-bomb limit, decided before any pixel is decoded; ``zero_size``);
+then the pixel data (``truncated``). The reasons are :data:`detector.schema.REJECT_REASONS`.
+
+Images are decoded as ``PIL.Image.open(path).convert("RGB")`` (greyscale, palette, CMYK
+and alpha images included; no EXIF rotation), the frame the box coordinates refer to.
 """
 
 from __future__ import annotations
@@ -17,15 +24,28 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from detector.keys import REFUSED_PREFIX
+
+FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")
+"""The formats Pillow may identify a file as: the image extensions detection lists. Other
+plugins (EPS runs Ghostscript, for one) never see a corpus file."""
+
 
 def _pil_open(fp):
-    """``PIL.Image.open`` without Ultralytics' patch (which, on an unidentified file, tries to
-    install and import ``pi_heif``: that fails offline with an ImportError instead of Pillow's error)."""
+    """``PIL.Image.open`` limited to :data:`FORMATS`, without Ultralytics' patch (which, on an
+    unidentified file, tries to install and import ``pi_heif``: that fails offline with an
+    ImportError instead of Pillow's error)."""
     opener = Image.open
     module = getattr(opener, "__module__", "") or ""
     if module.startswith("ultralytics"):
         opener = getattr(sys.modules[module], "_image_open", opener)
-    return opener(fp)
+    return opener(fp, formats=FORMATS)
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB
+    data: bytes  # the file's bytes
 
 
 @dataclass
@@ -46,43 +66,54 @@ class Rejected:
     detail: str
 
 
-def load_image(key: str, path: str, max_pixels: int) -> LoadedImage | Rejected:
+def _read(key: str, path: str) -> bytes | Rejected:
+    if path.startswith(REFUSED_PREFIX):
+        reason, _, detail = path[len(REFUSED_PREFIX):].partition(":")
+        return Rejected(key, "", reason, detail)
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        return Rejected(key, path, "missing", f"no such file: {path}")
-    except OSError as exc:
-        return Rejected(key, path, "unreadable", f"stat failed: {exc}")
-    if not stat.S_ISREG(st.st_mode):
-        return Rejected(key, path, "not_a_file", "not a regular file")
-    if st.st_size == 0:
-        return Rejected(key, path, "empty", "file has 0 bytes")
-    try:
+        if not stat.S_ISREG(st.st_mode):
+            return Rejected(key, path, "not_a_file", "not a regular file")
         with open(path, "rb") as fh:
             data = fh.read()
-    except OSError as exc:
-        return Rejected(key, path, "unreadable", f"read failed: {exc}")
-    if not data:
-        return Rejected(key, path, "empty", "file has 0 bytes")
-    digest = hashlib.sha256(data).hexdigest()
+    except FileNotFoundError:
+        return Rejected(key, path, "missing", f"no such file: {path}")
+    except (OSError, ValueError) as exc:
+        return Rejected(key, path, "unreadable", f"{type(exc).__name__}: {exc}")
+    return data or Rejected(key, path, "empty", "file has 0 bytes")
+
+
+def decode_image(key: str, path: str, max_pixels: int) -> DecodedImage | Rejected:
+    """The RGB image at ``path`` (image key ``key``) and its bytes, or why it cannot be used."""
+    data = _read(key, path)
+    if isinstance(data, Rejected):
+        return data
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = _pil_open(io.BytesIO(data))
+            im = _pil_open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as exc:
         return Rejected(key, path, "too_large", str(exc))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, ImportError) as exc:
         return Rejected(key, path, "unreadable", f"{type(exc).__name__}: {exc}")
-    width, height = im.size
-    if width <= 0 or height <= 0:
-        return Rejected(key, path, "zero_size", f"size {width}x{height}")
-    if width * height > max_pixels:
-        return Rejected(key, path, "too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
-    try:
-        rgb = np.asarray(im.convert("RGB"))
-    except Exception as exc:  # truncated streams, broken zlib/JPEG data...
-        return Rejected(key, path, "truncated", f"{type(exc).__name__}: {exc}")
-    finally:
-        im.close()
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    return LoadedImage(key, path, digest, width, height, bgr)
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            return Rejected(key, path, "zero_size", f"size {width}x{height}")
+        if width * height > max_pixels:
+            return Rejected(key, path, "too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
+        try:
+            rgb = im.convert("RGB")
+        except Exception as exc:  # truncated streams, broken zlib/JPEG data...
+            return Rejected(key, path, "truncated", f"{type(exc).__name__}: {exc}")
+    return DecodedImage(rgb, data)
+
+
+def load_image(key: str, path: str, max_pixels: int) -> LoadedImage | Rejected:
+    """Detection's view of :func:`decode_image`: BGR pixels and the file's sha256."""
+    decoded = decode_image(key, path, max_pixels)
+    if isinstance(decoded, Rejected):
+        return decoded
+    bgr = np.ascontiguousarray(np.asarray(decoded.image)[:, :, ::-1])
+    width, height = decoded.image.size
+    return LoadedImage(key, path, hashlib.sha256(decoded.data).hexdigest(), width, height, bgr)

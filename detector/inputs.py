@@ -5,12 +5,17 @@ The image key is the image's path relative to an image root, in POSIX form
 training and evaluation join box rows on it. Three kinds of source:
 
 - **LLaVA JSON** (``*.json`` list, or ``*.jsonl``): keys are the entries'
-  ``image`` fields (a string or a list of strings), files are
-  ``image_root / key``; ``image_root`` defaults to the JSON's directory.
-  Entries without an image (text-only) are counted and skipped.
+  ``image`` fields (a string or a list of strings) normalised by
+  :func:`detector.keys.normalize_key`, files are ``image_root / key``;
+  ``image_root`` defaults to the JSON's directory. Entries without an image
+  (no ``image`` field, or null) are counted as text-only and skipped. A value
+  the normaliser refuses (absolute, leaving the root, not a string) or a file
+  that leads out of the root through a symbolic link is kept as a reference
+  that detection rejects with the refusal's reason (see :mod:`detector.keys`).
 - **image folder**: every file with an image extension below it, recursively
-  (zero-byte and corrupt ones too: they become rejects). Keys are relative to
-  ``image_root`` when the folder lies inside it, else to the folder itself.
+  (zero-byte and corrupt ones too: they become rejects; a symbolic link out of
+  the root too). Keys are relative to ``image_root`` when the folder lies
+  inside it, else to the folder itself.
 - **benchmark set**: a ``datasets`` ``save_to_disk`` directory (a Dataset or a
   DatasetDict) with an ``image`` column, or a directory of such task
   directories. Its images are *materialised* as files
@@ -34,11 +39,12 @@ import io
 import json
 import logging
 import os
-import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from detector.keys import KeyRefused, normalize_key, refused_path, resolve_key
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +93,6 @@ class Inputs:
         return self.references - len(self.images)
 
 
-def normalize_key(key: str) -> str:
-    key = str(key).replace("\\", "/").strip()
-    norm = posixpath.normpath(key)
-    return norm[2:] if norm.startswith("./") else norm
-
-
 def _is_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any(
         (path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -127,19 +127,33 @@ def _read_llava(path: Path) -> list:
     return data
 
 
-def llava_refs(path: Path, image_root: Path | None) -> tuple[list[ImageRef], SourceSummary]:
+def image_ref(root: Path, value, allow_absolute: bool = False) -> ImageRef:
+    """The reference of one ``image`` value under ``root``; a refused one carries its reason
+    in ``path`` (:func:`detector.keys.refused_path`) and becomes a reject when loaded."""
+    key = normalize_key(value, allow_absolute)
+    if isinstance(key, str):
+        file = resolve_key(root, key, allow_absolute)
+        if not isinstance(file, KeyRefused):
+            return ImageRef(key, str(file))
+        key = file
+    log.warning("image %r refused: %s", key.key, key.detail)
+    return ImageRef(key.key, refused_path(key))
+
+
+def llava_refs(
+    path: Path, image_root: Path | None, allow_absolute: bool = False
+) -> tuple[list[ImageRef], SourceSummary]:
     root = (image_root or path.parent).resolve()
     entries = _read_llava(path)
     refs: list[ImageRef] = []
     summary = SourceSummary("llava_json", str(path.resolve()), str(root), entries=len(entries))
     for entry in entries:
         image = entry.get("image") if isinstance(entry, dict) else None
-        if not image:
+        if image is None:
             summary.text_only += 1
             continue
-        for item in image if isinstance(image, list) else [image]:
-            key = normalize_key(item)
-            refs.append(ImageRef(key, str(root / key)))
+        images = image if isinstance(image, list) and image else [image]
+        refs.extend(image_ref(root, item, allow_absolute) for item in images)
     summary.references = len(refs)
     return refs, summary
 
@@ -147,7 +161,9 @@ def llava_refs(path: Path, image_root: Path | None) -> tuple[list[ImageRef], Sou
 # --------------------------------------------------------------------------- folders
 
 
-def folder_refs(path: Path, image_root: Path | None) -> tuple[list[ImageRef], SourceSummary]:
+def folder_refs(
+    path: Path, image_root: Path | None, allow_absolute: bool = False
+) -> tuple[list[ImageRef], SourceSummary]:
     folder = path.resolve()
     root = folder
     if image_root is not None:
@@ -160,8 +176,7 @@ def folder_refs(path: Path, image_root: Path | None) -> tuple[list[ImageRef], So
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            full = Path(dirpath) / name
-            refs.append(ImageRef(full.relative_to(root).as_posix(), str(full)))
+            refs.append(image_ref(root, (Path(dirpath) / name).relative_to(root).as_posix(), allow_absolute))
     summary = SourceSummary("folder", str(folder), str(root), entries=len(refs), references=len(refs))
     return refs, summary
 
@@ -261,8 +276,10 @@ def collect_inputs(
     sources: list[str | Path],
     image_root: str | Path | None = None,
     materialise_root: str | Path | None = None,
+    allow_absolute: bool = False,
 ) -> Inputs:
-    """All distinct images of ``sources``, sorted by key (see the module docstring)."""
+    """All distinct images of ``sources``, sorted by key (see the module docstring); ``allow_absolute``:
+    accept absolute image paths (``data.allow_absolute_image_paths``)."""
     if not sources:
         raise ValueError("no input source given")
     root = Path(image_root) if image_root else None
@@ -272,9 +289,9 @@ def collect_inputs(
         path = Path(source).expanduser()
         kind = source_kind(path)
         if kind == "llava_json":
-            refs, summary = llava_refs(path, root)
+            refs, summary = llava_refs(path, root, allow_absolute)
         elif kind == "folder":
-            refs, summary = folder_refs(path, root)
+            refs, summary = folder_refs(path, root, allow_absolute)
         else:
             bench_root = root or (Path(materialise_root) if materialise_root else None)
             if bench_root is None:

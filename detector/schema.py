@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from detector.keys import REFUSAL_REASONS
+
 SCHEMA_VERSION = "1"
 
 META_SCHEMA_VERSION = b"mgllava.schema_version"
@@ -53,15 +55,17 @@ REJECTS_FIELDS = [
     pa.field("shard", pa.int32(), nullable=False),
 ]
 
-# why an image was rejected (the ``reason`` column)
+# why an image was rejected (the ``reason`` column); training counts its skipped samples under the same names
 REJECT_REASONS = {
+    **REFUSAL_REASONS,
     "missing": "no file at the image's path",
     "empty": "the file has 0 bytes",
     "not_a_file": "the path is a directory or another non-regular file",
     "unreadable": "the file cannot be opened or identified as an image",
     "truncated": "the header is readable but the pixel data is cut short or corrupt",
     "zero_size": "the image has a zero width or height",
-    "too_large": "width x height exceeds detector.max_image_pixels (or Pillow's decompression-bomb limit)",
+    "too_large": "width x height exceeds detector.max_image_pixels / data.max_image_pixels "
+    "(or Pillow's decompression-bomb limit)",
     "detector_error": "the detector raised an error on this image alone",
 }
 

@@ -113,16 +113,17 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
     corrupt = tmp_path / "images" / "corrupt.png"
     corrupt.parent.mkdir()
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    records[2] = {**records[2], "image": str(corrupt)}  # an absolute key still resolves under the root
+    records[2] = {**records[2], "image": str(corrupt)}  # an absolute key: allowed below
     processor = MGLLaVAProcessor.from_config(tiny_config.model)
-    dataset = ConversationDataset(records, tiny_config.data.image_root, {}, processor)
+    dataset = ConversationDataset(records, tiny_config.data.image_root, {}, processor,
+                                  allow_absolute_image_paths=True)
     assert len(dataset.keys_without_boxes) == 4
     if cached:
         cache_image_features(dataset, MGLLaVA.from_config(tiny_config.model).encode_frozen, progress=False)
         assert sum(isinstance(f, Skipped) for f in dataset.image_features.values()) == 2
     items = [dataset[i] for i in range(len(dataset))]
     assert [type(i).__name__ for i in items] == ["dict", "Skipped", "Skipped", "dict"]
-    assert {i.reason for i in items if isinstance(i, Skipped)} == {"missing_image", "corrupt_image"}
+    assert {i.reason for i in items if isinstance(i, Skipped)} == {"missing", "unreadable"}  # detection's reasons
     batch = Collate(processor)(items)
     assert len(batch["input_ids"]) + len(batch["skipped"]) == len(records)
     if cached:

@@ -5,7 +5,8 @@ For each image, in order:
 1. the Parquet box table (``detector/SCHEMA.md``) of ``boxes_dir``, joined on the image's
    content hash (``sha256`` of the stored PNG/JPEG bytes: the column the detection stage
    writes) or on an image key (the shapes world's sets hold keys such as
-   ``bench/000003.png`` in their image-id columns);
+   ``bench/000003.png`` in their image-id columns), normalised as detection keys
+   images (:func:`detector.keys.normalize_key`: ``./bench//000003.png`` finds the same row);
 2. the on-the-fly detector cache: one small JSON file per image under
    ``<cache_dir>/<detector fingerprint>/``, keyed by the content hash (the bytes' sha256,
    or for an image that has no stored bytes the sha256 of its decoded pixels);
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detector.keys import normalize_key
 from detector.tables import Detection
 from mgllava.model.boxes import Boxes
 
@@ -48,6 +50,11 @@ class ImageRef:
     image: Image.Image
     raw: bytes | None = None
     keys: tuple[str, ...] = ()
+
+    def lookup_keys(self) -> list[str]:
+        """The candidate keys, normalised; a key the normaliser refuses finds nothing. Absolute
+        keys are kept: a lookup opens no file, and a table holds them only if detection allowed them."""
+        return [k for k in (normalize_key(key, allow_absolute=True) for key in self.keys) if isinstance(k, str)]
 
     def content_hash(self) -> str:
         if self.raw is not None:
@@ -128,7 +135,7 @@ class BoxSource:
         for ref, digest in zip(refs, digests):
             hit = self.by_sha.get(digest) if ref.raw is not None else None
             if hit is None:
-                hit = next((self.by_key[k] for k in ref.keys if k in self.by_key), None)
+                hit = next((self.by_key[k] for k in ref.lookup_keys() if k in self.by_key), None)
             if hit is not None:
                 found.append((hit, "table"))
             elif self.cache_dir is not None and (cached := self._read_cache(digest)) is not None:

@@ -2,12 +2,17 @@
 
 - :func:`load_conversations` reads a LLaVA JSON list and rejects, with a count per
   reason, records that cannot train anything (no assistant turn, empty text, bad
-  roles, malformed entries), so ``kept + rejected = records``.
+  roles, malformed entries, an ``image`` that :func:`detector.keys.normalize_key`
+  refuses: not a string, absolute, leaving the image root), so
+  ``kept + rejected = records``; a kept record's ``image`` is its normalised key.
 - :class:`ConversationDataset` joins each record's image with its boxes (by the
-  image key, the path relative to the image root), runs the model's processor
-  (preprocessing, box mapping, chat template, loss masking, truncation) and, for an
-  image that is missing or corrupt, returns a :class:`Skipped` marker instead of
-  raising, so a DataLoader worker never crashes the run.
+  image key, the path relative to the image root, normalised as detection does),
+  runs the model's processor (preprocessing, box mapping, chat template, loss
+  masking, truncation) and, for an image that detection would reject (the shared
+  loader :func:`detector.images.decode_image`: missing, corrupt, over
+  ``data.max_image_pixels``, a link out of the root...), returns a :class:`Skipped`
+  marker with detection's reason instead of raising, so a DataLoader worker never
+  crashes the run.
 - :func:`cache_image_features` encodes each image once with the frozen encoders
   and hands the features to the dataset, which then returns them instead of
   pixels (``data.cache_image_features``: for corpora that fit in memory).
@@ -24,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from detector.images import Rejected, decode_image
+from detector.keys import KeyRefused, normalize_key, resolve_key
 from mgllava.model.boxes import Boxes
 from mgllava.model.processing_mgllava import MGLLaVAProcessor
 from mgllava.model.vision import FrozenImageFeatures
@@ -39,7 +46,7 @@ class Skipped:
     """A sample that could not be loaded: its image key and why."""
 
     key: str
-    reason: str  # missing_image | corrupt_image
+    reason: str  # one of detector.schema.REJECT_REASONS: missing, unreadable, too_large, path_escapes_root...
 
 
 @dataclass
@@ -74,8 +81,9 @@ def _check_record(record) -> str | None:
     return None
 
 
-def load_conversations(path: str | Path) -> tuple[list[dict], LoadReport]:
-    """Read a LLaVA JSON file; return the usable records and the tally of the rest."""
+def load_conversations(path: str | Path, allow_absolute: bool = False) -> tuple[list[dict], LoadReport]:
+    """Read a LLaVA JSON file; return the usable records (``image`` normalised) and the tally of the
+    rest. ``allow_absolute``: accept absolute image paths (``data.allow_absolute_image_paths``)."""
     path = Path(path)
     try:
         records = json.loads(path.read_text())
@@ -87,8 +95,16 @@ def load_conversations(path: str | Path) -> tuple[list[dict], LoadReport]:
         raise ValueError(f"{path}: a LLaVA conversation file holds a JSON list, got {type(records).__name__}")
     report = LoadReport(records=len(records))
     kept = []
-    for record in records:
-        reason = _check_record(record)
+    for index, record in enumerate(records):
+        image = record.get("image") if isinstance(record, dict) else None
+        key = None if image is None else normalize_key(image, allow_absolute)
+        if isinstance(key, KeyRefused):
+            reason = key.reason
+            log.warning("%s: record %s rejected: %s", path.name, record.get("id", f"#{index}"), key.detail)
+        else:
+            reason = _check_record(record)
+            if key is not None:
+                record = {**record, "image": key}
         if reason:
             report.rejected[reason] += 1
         else:
@@ -99,18 +115,28 @@ def load_conversations(path: str | Path) -> tuple[list[dict], LoadReport]:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
+    """The records' samples; ``allow_absolute_image_paths`` and ``max_image_pixels`` are the
+    ``data.*`` settings of the same names (detection applies the same ones)."""
+
     def __init__(
         self,
         records: list[dict],
         image_root: str | Path,
         boxes: Mapping[str, Boxes],
         processor: MGLLaVAProcessor,
+        allow_absolute_image_paths: bool = False,
+        max_image_pixels: int = 50_000_000,
     ):
         self.records = records
         self.image_root = Path(image_root)
         self.boxes = boxes
         self.processor = processor
-        keys = {r["image"] for r in records if r.get("image")}
+        self.allow_absolute = allow_absolute_image_paths
+        self.max_image_pixels = max_image_pixels
+        # each record's image key (None: text-only; KeyRefused: skipped with its reason)
+        self.keys = [None if r.get("image") is None else normalize_key(r["image"], self.allow_absolute)
+                     for r in records]
+        keys = set(self.image_keys())
         self.keys_without_boxes = sorted(keys - set(boxes))
         if self.keys_without_boxes:
             log.warning(
@@ -121,15 +147,22 @@ class ConversationDataset(torch.utils.data.Dataset):
 
         self.image_features: dict[str, FrozenImageFeatures | Skipped] | None = None  # see cache_image_features
 
+    def image_keys(self) -> list[str]:
+        """The distinct usable image keys, sorted."""
+        return sorted({k for k in self.keys if isinstance(k, str)})
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | Skipped:
         record = self.records[index]
         turns = [(t["from"], t["value"]) for t in record["conversations"]]
-        key = record.get("image")
-        if not key:
+        key = self.keys[index]
+        if key is None:
             return self.processor(turns)
+        if isinstance(key, KeyRefused):
+            log.warning("skipping sample %s: %s", record.get("id", f"#{index}"), key.detail)
+            return Skipped(key.key, key.reason)
         if self.image_features is not None:
             cached = self.image_features[key]
             return cached if isinstance(cached, Skipped) else self.processor.with_image_features(turns, [cached])
@@ -137,16 +170,18 @@ class ConversationDataset(torch.utils.data.Dataset):
         return image if isinstance(image, Skipped) else self.processor(turns, [image], [self.boxes.get(key)])
 
     def load_image(self, key: str, sample_id: str | None = None) -> Image.Image | Skipped:
-        """The RGB image under ``key``, or why it cannot be read (logged)."""
-        try:
-            with Image.open(self.image_root / key) as image:
-                return image.convert("RGB")
-        except FileNotFoundError:
-            log.warning("skipping sample %s: image not found: %s", sample_id or key, self.image_root / key)
-            return Skipped(key, "missing_image")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            log.warning("skipping sample %s: corrupt image %s: %s", sample_id or key, key, exc)
-            return Skipped(key, "corrupt_image")
+        """The RGB image under the normalised ``key``, or why it cannot be used (logged): the
+        reasons and limits of detection's loader."""
+        path = resolve_key(self.image_root, key, self.allow_absolute)
+        if isinstance(path, KeyRefused):
+            loaded = Rejected(key, "", path.reason, path.detail)
+        else:
+            loaded = decode_image(key, str(path), self.max_image_pixels)
+        if isinstance(loaded, Rejected):
+            log.warning("skipping sample %s: image %s: %s (%s)", sample_id or key, key, loaded.reason,
+                        loaded.detail)
+            return Skipped(key, loaded.reason)
+        return loaded.image
 
 
 def cache_image_features(
@@ -160,7 +195,7 @@ def cache_image_features(
     :class:`Skipped` for each of its samples, so the counts are the same as without the cache."""
     from tqdm import tqdm
 
-    keys = sorted({r["image"] for r in dataset.records if r.get("image")})
+    keys = dataset.image_keys()
     features: dict[str, FrozenImageFeatures | Skipped] = {}
     for start in tqdm(range(0, len(keys), batch_size), desc="encoding images", unit="batch", disable=not progress):
         readable, pixel_values, boxes = [], [], []
