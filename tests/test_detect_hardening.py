@@ -7,7 +7,8 @@ import os
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest
-from test_detect import make_images, settings
+from test_detect import boxy_weights, make_images, settings  # noqa: F401  (boxy_weights: a fixture)
+from test_detect_flow import _same, _table, prefect_server  # noqa: F401  (prefect_server: a fixture)
 
 from detector.errors import DetectorError
 from detector.model import Detector, DetectorSettings
@@ -197,3 +198,33 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
     pipeline._atomic_write_bytes(tmp_path / "manifest.json", b"{}")
     assert events == ["fsync file", "rename", "fsync folder"]
     assert (tmp_path / "manifest.json").read_bytes() == b"{}" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+@pytest.mark.slow  # a Prefect server and two Dask worker processes that import torch and Ultralytics
+def test_flow_on_dask_worker_processes_writes_the_rows_of_a_local_run(tmp_path, prefect_server, boxy_weights):  # noqa: F811
+    """What ``mgllava detect --dask-address`` runs: the flow in this process holds the lock; planning, the
+    shards and finishing run as tasks in two worker processes."""
+    from distributed import Client, LocalCluster
+
+    from detector import pipeline
+    from flows.detect import detect
+
+    images = tmp_path / "images"
+    make_images(images, 9)
+    (images / "empty.png").write_bytes(b"")
+    s = settings(boxy_weights, batch=2)
+    local = pipeline.run_detection([images], tmp_path / "local", s, shard_size=2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        manifest = detect([str(images)], str(tmp_path / "dask"), s.to_json(), shard_size=2,
+                          dask_address=cluster.scheduler_address)
+        loaded = client.run(lambda: __import__("detector.model").model._CACHE.__len__())
+    assert len(loaded) == 2 and sum(loaded.values()) >= 1, loaded  # detection ran in the worker processes
+    assert manifest["status"] == "complete" and manifest["fingerprint"] == local.manifest["fingerprint"]
+    assert manifest["totals"] == local.manifest["totals"] and manifest["totals"]["boxes"] > 0
+    _same(_table(tmp_path / "dask"), _table(tmp_path / "local"))
+    assert [(sh["index"], sh["rows"], sh["rejects"]) for sh in manifest["shards"]] == [
+        (sh["index"], sh["rows"], sh["rejects"]) for sh in local.manifest["shards"]]
