@@ -4,7 +4,9 @@ Writes one benchmark result with N per-sample predictions through
 :func:`warehouse.eval.write_task_result` into a fresh warehouse file, twice (the
 second write replaces the first: DELETE then INSERT), and times the part that
 holds the file: :func:`warehouse.eval._write`, from opening the file to closing it.
-Prints one line per write and ends with one JSON line.
+For reference it then inserts the same predictions one statement per row
+(``executemany``, how they went in before the Arrow bulk insert) into a scratch
+table. Prints one line per measurement and ends with one JSON line.
 
     .venv/bin/python benchmarks/warehouse_write.py [--n 20000]
 """
@@ -15,7 +17,10 @@ import argparse
 import json
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+
+import duckdb
 
 from warehouse import eval as wh
 
@@ -27,6 +32,20 @@ def result(n: int) -> dict:
     return dict(name="pope", task="pope_mgllava", status="completed", reason="", data_dir="/d", n=n,
                 metrics={"acc": 0.5, "f1": 0.5}, predictions=predictions, seconds=1.0, generate_seconds=1.0,
                 box_origins={"table": n})
+
+
+def row_by_row(db: Path, n: int) -> float:
+    """Seconds to insert the predictions of :func:`result` with one INSERT per row, in one transaction."""
+    data = wh._score_rows("ref", "/ckpt", result(n), datetime.now(timezone.utc))[1]
+    rows = list(zip(*(column.to_pylist() for column in data.columns)))
+    with duckdb.connect(str(db)) as con:
+        con.register("schema_only", data.slice(0, 0))
+        con.execute("CREATE TEMP TABLE scratch AS SELECT * FROM schema_only")
+        t0 = time.perf_counter()
+        con.execute("BEGIN TRANSACTION")
+        con.executemany(f"INSERT INTO scratch VALUES ({', '.join('?' * len(data.columns))})", rows)
+        con.execute("COMMIT")
+        return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -51,8 +70,11 @@ def main() -> None:
             wh.write_task_result(run_id, "/ckpt", result(args.n), db_path=db)
             print(f"{label}: {args.n} predictions, lock held {held[-1]:.3f} s "
                   f"(call {time.perf_counter() - t0:.3f} s)")
+        reference = row_by_row(db, args.n)
+    print(f"row by row (executemany): {reference:.3f} s, {reference / max(held):.0f}x the longest bulk write")
     print(json.dumps({"benchmark": "warehouse_write", "predictions": args.n,
-                      "lock_held_s": [round(s, 4) for s in held]}))
+                      "lock_held_s": [round(s, 4) for s in held], "row_by_row_s": round(reference, 4),
+                      "ratio": round(reference / max(held), 1)}))
 
 
 if __name__ == "__main__":
