@@ -7,7 +7,8 @@
   other stages add theirs there (runs, training steps, scores, predictions...);
   :data:`MIGRATIONS` adds the columns that came later (``ADD COLUMN IF NOT
   EXISTS``), so an existing warehouse and a new one end with the same tables;
-  :func:`ensure_schema` runs them all, idempotently, in one transaction.
+  :func:`ensure_schema` runs them all, idempotently, in one transaction (every
+  writable :func:`connect`; readers call :func:`upgrade` first).
 - A reader or writer that cannot get the file within its wait gets
   :class:`WarehouseBusy`: one line naming the file and the process holding it.
 - :func:`insert_arrow` bulk-inserts a ``pyarrow`` table (one statement, not one per row);
