@@ -8,9 +8,12 @@ measures mAP50 of ``best.pt`` on the dataset's held-out split (``test`` when
 false``, are kept for inspection).
 
 Third-party files run no code: weights load through Ultralytics' safe loading
-(:func:`detector.model.ultralytics_safe_load`), and a dataset YAML with a
+(:func:`detector.model.ultralytics_safe_load`); a dataset YAML with a
 ``download`` key (which Ultralytics would execute as Python or shell when an
-image folder is missing) is refused before Ultralytics sees it.
+image folder is missing) is refused before Ultralytics sees it; and the
+dataset's label caches (``labels/train.cache``: pickles that Ultralytics loads
+with ``allow_pickle=True``) are never loaded: the labels are scanned instead
+and the cache rewritten.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def _read_dataset_yaml(data: Path) -> dict:
             "remove the key and give local image folders"
         )
     return spec
+
+
+def _unpickled_label_cache(path) -> dict:
+    """Stands in for Ultralytics' ``load_dataset_cache_file`` (which unpickles): loads nothing, so the
+    dataset rescans its labels and rewrites the cache."""
+    raise FileNotFoundError(f"{path}: label caches are pickles and are not loaded; scanning the labels instead")
+
+
+def _no_pickled_label_caches() -> None:
+    from ultralytics.data import dataset
+
+    dataset.load_dataset_cache_file = _unpickled_label_cache
 
 
 def _heldout_split(data: Path, spec: dict) -> str:
@@ -96,6 +111,7 @@ def train_detector(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     ultralytics_safe_load()
+    _no_pickled_label_caches()
     with torch_threads_kept():
         t0 = time.perf_counter()
         model = YOLO(str(base_path) if base_path.exists() else base) if is_yaml else load_weights(base_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -97,6 +98,28 @@ def test_dataset_yaml_with_download_is_refused(tmp_path, fault_ledger):
     assert not marker.exists(), "Ultralytics ran the dataset's download script"
     assert isinstance(refused.value, DetectorError)
     assert f"dataset YAML {data} has a 'download' key" in str(refused.value) and "refused" in str(refused.value)
+
+
+@pytest.mark.slow  # one short training epoch
+def test_dataset_label_caches_run_no_code(tmp_path, fault_ledger):
+    """Ultralytics unpickles ``labels/<split>.cache``; a dataset shipping a hostile one runs nothing."""
+    import numpy as np
+    from test_detect_train import make_yolo_dataset
+
+    from detector.train import train_detector
+
+    data = make_yolo_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
+    marker = tmp_path / "code-ran"
+    for split in ("train", "val"):
+        with open(tmp_path / "ds" / "labels" / f"{split}.cache", "wb") as fh:
+            np.save(fh, np.array({"version": "1.0.3", "hash": "x", "payload": _RunsCode(marker)}, dtype=object))
+    metrics = train_detector(data, tmp_path / "det", epochs=1, imgsz=64, batch=2, device="cpu", workers=0,
+                             min_map50=0.0)
+    fault_ledger.record("dataset label cache with code in its pickle", not marker.exists())
+    assert not marker.exists(), "Ultralytics unpickled the dataset's label cache"
+    assert metrics["passed"] and Path(metrics["weights"]).is_file()
+    for split in ("train", "val"):  # the labels were scanned and the caches rewritten without the payload
+        assert b"code-ran" not in (tmp_path / "ds" / "labels" / f"{split}.cache").read_bytes()
 
 
 # --------------------------------------------------------------------------- durable box tables
