@@ -70,6 +70,7 @@ HOSTILE = {
     "read_blob outside": "SELECT content FROM read_blob('{secret}')",
     "read_text up from a box dir": "SELECT content FROM read_text('{box}/../secret.txt')",
     "glob": "SELECT * FROM glob('{tmp}/*')",
+    "remote file": "SELECT * FROM read_csv('http://127.0.0.1:9/x.csv')",
     "ATTACH": "ATTACH '{tmp}/new.duckdb' AS n",
     "ATTACH + CREATE": "ATTACH '{tmp}/new.duckdb' AS n; CREATE TABLE n.t AS SELECT 42 AS x",
     "two statements": "SELECT 1; SELECT 2",
