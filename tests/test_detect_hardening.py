@@ -66,6 +66,21 @@ def test_hostile_base_weights_for_detector_training_run_no_code(tmp_path, hostil
     assert isinstance(refused.value, DetectorError) and "refused to load detector weights" in str(refused.value)
 
 
+def test_hostile_model_yaml_runs_no_code(tmp_path, unsafe_env, fault_ledger):
+    """Ultralytics ``eval``s a model YAML's ``activation`` unless safe loading is on."""
+    from ultralytics.utils import ROOT
+
+    marker = tmp_path / "code-ran"
+    spec = (ROOT / "cfg" / "models" / "11" / "yolo11.yaml").read_text()
+    path = tmp_path / "yolo11n-hostile.yaml"
+    path.write_text(f"activation: __import__('os').system('touch {marker}')\n{spec}")
+    with pytest.raises(DetectorError) as refused:
+        Detector(DetectorSettings(model=str(path), device="cpu"))
+    fault_ledger.record("hostile detector model YAML (code in its activation)", not marker.exists())
+    assert not marker.exists(), "building the model from its YAML ran code"
+    assert f"cannot build a detector from {path}" in str(refused.value) and "activation" in str(refused.value)
+
+
 def test_ultralytics_checkpoints_load_under_safe_loading(tmp_path, unsafe_env):
     """Ultralytics' own checkpoints hold its model classes: its allow-list admits them."""
     import torch
