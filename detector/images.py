@@ -9,6 +9,8 @@ then the pixel data (``truncated``). The reasons are :data:`detector.schema.REJE
 
 Images are decoded as ``PIL.Image.open(path).convert("RGB")`` (greyscale, palette, CMYK
 and alpha images included; no EXIF rotation), the frame the box coordinates refer to.
+Decoding is strict whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says elsewhere in the
+process (lmms-eval sets it on import): a cut-short file is ``truncated``, never zero-padded.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import io
 import os
 import stat
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from detector.keys import REFUSED_PREFIX
 
@@ -40,6 +45,22 @@ def _pil_open(fp):
     if module.startswith("ultralytics"):
         opener = getattr(sys.modules[module], "_image_open", opener)
     return opener(fp, formats=FORMATS)
+
+
+_STRICT = threading.Lock()
+
+
+@contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Pillow's truncated-file check on, and its bomb warning off (the limit is checked here),
+    for one decode; the process-wide setting is restored after it."""
+    with _STRICT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 @dataclass
@@ -88,10 +109,13 @@ def decode_image(key: str, path: str, max_pixels: int) -> DecodedImage | Rejecte
     data = _read(key, path)
     if isinstance(data, Rejected):
         return data
+    with _strict_pillow():
+        return _decode(key, path, data, max_pixels)
+
+
+def _decode(key: str, path: str, data: bytes, max_pixels: int) -> DecodedImage | Rejected:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = _pil_open(io.BytesIO(data))  # reads the header only
+        im = _pil_open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as exc:
         return Rejected(key, path, "too_large", str(exc))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, ImportError) as exc:

@@ -220,3 +220,25 @@ def test_only_image_formats_are_opened(tmp_path):
     (tmp_path / "a.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     rejected = decode_image("a.png", str(tmp_path / "a.png"), 10**6)
     assert rejected.reason == "unreadable" and "cannot identify" in rejected.detail
+
+
+@pytest.mark.parametrize("name, reason", [("bomb.png", "too_large"), ("header_bomb.png", "too_large"),
+                                          ("truncated.png", "truncated")])
+def test_chat_refuses_a_hostile_image_with_one_clear_error(world, name, reason, fault_ledger):
+    """``mgllava chat`` reads the user's image with the shared loader before any model is loaded."""
+    from detector.errors import DetectorError
+    from detector.model import DetectorSettings
+    from mgllava.eval.chat import ChatSession
+
+    with pytest.raises(DetectorError, match=f"cannot use image .*{name}: {reason}"):
+        ChatSession("no-model-needed", world / "img" / name, DetectorSettings(model="yolo11n.yaml"))
+    fault_ledger.record(f"chat image {name}: {reason}", survived=True)
+
+
+def test_truncated_stays_truncated_when_pillow_is_told_to_pad(world, monkeypatch):
+    """lmms-eval sets ImageFile.LOAD_TRUNCATED_IMAGES on import; the shared loader still rejects."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    assert decode_image("k", str(world / "img" / "truncated.png"), 10**6).reason == "truncated"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process-wide setting is left as it was

@@ -6,7 +6,8 @@ image; its boxes, in original-image pixels, are printed and passed to
 cap, as in training). A session is one conversation: each question is asked after the
 earlier questions and answers (the chat template's multi-turn format, the image in the
 first turn), so ``--interactive`` is a multi-turn chat about the image, with the model and
-boxes loaded once.
+boxes loaded once. The image is read with detection's loader (:func:`detector.images.decode_image`,
+limit ``detector.max_image_pixels``): a missing, corrupt or oversized file is one clear error.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from detector.errors import DetectorError
+from detector.images import Rejected, decode_image
 from detector.tables import Detection
 from mgllava.model.boxes import Boxes
 
@@ -40,7 +42,10 @@ class ChatSession:
         from detector.model import get_detector
         from mgllava.eval.lmms_model import load_model
 
-        self.image = Image.open(image_path).convert("RGB")
+        decoded = decode_image(str(image_path), str(image_path), detector_settings.max_image_pixels)
+        if isinstance(decoded, Rejected):
+            raise DetectorError(f"cannot use image {image_path}: {decoded.reason}: {decoded.detail}")
+        self.image = decoded.image
         detector = get_detector(detector_settings)
         self.detector_name = detector.name
         self.detections = detector.predict([np.asarray(self.image)[:, :, ::-1].copy()])[0]
