@@ -96,6 +96,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     settings = DetectorSettings.from_config(
         det, model=args.model, classes=args.classes, class_embeddings=args.class_embeddings, conf=args.conf,
         iou=args.iou, imgsz=args.imgsz, batch=args.batch, device=args.device,
+        allow_absolute_image_paths=config.data.allow_absolute_image_paths,
     )
     try:
         if args.dask_address:

@@ -58,6 +58,7 @@ class DetectorSettings:
     batch: int = 16
     device: str = "auto"
     max_image_pixels: int = 50_000_000
+    allow_absolute_image_paths: bool = False  # data.allow_absolute_image_paths: which inputs, not which boxes
 
     @classmethod
     def from_config(cls, det, **overrides) -> DetectorSettings:

@@ -291,7 +291,8 @@ def prepare_run(
     ``run_id``: from the :func:`run_lock` held on ``out`` (by this or another process)."""
     out = Path(out).expanduser().resolve()
     _require_lock(out, run_id)
-    inputs = collect_inputs(sources, image_root=image_root, materialise_root=out / "images")
+    inputs = collect_inputs(sources, image_root=image_root, materialise_root=out / "images",
+                            allow_absolute=settings.allow_absolute_image_paths)
     detector = get_detector(settings)
     identity = detector.identity()
     fingerprint = run_fingerprint(input_fingerprint(inputs), identity, shard_size)

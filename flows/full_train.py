@@ -143,7 +143,8 @@ def full_train(
         config.detector.model = state.result()["weights"]
     from detector.model import DetectorSettings
 
-    settings = DetectorSettings.from_config(config.detector).to_json()
+    settings = DetectorSettings.from_config(
+        config.detector, allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
     box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir, settings=settings,
                                image_root=config.data.image_root, overwrite=True)  # a new detector redoes it
     run_id = new_run_id()

@@ -171,7 +171,10 @@ def test_list_valued_image_is_a_record_reject_in_training(tmp_path, fault_ledger
     fault_ledger.record("list-valued image field (training)", survived=True)
 
 
+@pytest.mark.slow
 def test_allow_absolute_image_paths_accepts_them_in_detection_and_training(world, tmp_path):
+    from detector.model import DetectorSettings
+    from detector.pipeline import run_detection
     from mgllava.train.data import ConversationDataset, load_conversations
 
     absolute = str(world / "img" / "a.png")
@@ -179,6 +182,9 @@ def test_allow_absolute_image_paths_accepts_them_in_detection_and_training(world
     write_corpus(corpus, [absolute, "img/link.png"])
     inputs = collect_inputs([corpus], image_root=world, allow_absolute=True)
     assert [(r.key, r.path) for r in inputs.images] == [(absolute, absolute), ("img/link.png", str(world / "img/link.png"))]
+    settings = DetectorSettings(model="yolo11n.yaml", conf=0.99, imgsz=64, device="cpu", allow_absolute_image_paths=True)
+    res = run_detection([corpus], tmp_path / "boxes", settings, image_root=world)  # the setting reaches the plan
+    assert (res.manifest["totals"]["rows"], res.manifest["totals"]["rejects"]) == (2, 0)
     records, report = load_conversations(corpus, allow_absolute=True)
     assert report.kept == 2
     dataset = ConversationDataset(records, world, {}, processor=None, allow_absolute_image_paths=True)
