@@ -36,7 +36,7 @@ FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")
 plugins (EPS runs Ghostscript, for one) never see a corpus file."""
 
 
-def _pil_open(fp):
+def open_image(fp):
     """``PIL.Image.open`` limited to :data:`FORMATS`, without Ultralytics' patch (which, on an
     unidentified file, tries to install and import ``pi_heif``: that fails offline with an
     ImportError instead of Pillow's error)."""
@@ -115,7 +115,7 @@ def decode_image(key: str, path: str, max_pixels: int) -> DecodedImage | Rejecte
 
 def _decode(key: str, path: str, data: bytes, max_pixels: int) -> DecodedImage | Rejected:
     try:
-        im = _pil_open(io.BytesIO(data))  # reads the header only
+        im = open_image(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as exc:
         return Rejected(key, path, "too_large", str(exc))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, ImportError) as exc:

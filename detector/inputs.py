@@ -202,8 +202,9 @@ def _row_ids(dataset) -> list[str]:
 
 
 def _png_bytes(value) -> bytes | None:
-    """The PNG bytes to write for one ``image`` cell (stored form, ``decode=False``)."""
-    from PIL import Image
+    """The PNG bytes to write for one ``image`` cell (stored form, ``decode=False``); other
+    formats are decoded with :func:`detector.images.open_image` (image formats only)."""
+    from detector.images import open_image
 
     if value is None:
         return None
@@ -215,7 +216,7 @@ def _png_bytes(value) -> bytes | None:
     if data.startswith(PNG_MAGIC):
         return data
     buf = io.BytesIO()
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(io.BytesIO(data)) as im:
         im.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
 
