@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mgllava {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except TimeoutError as exc:
+        from warehouse.db import WarehouseBusy
+
+        if not isinstance(exc, WarehouseBusy):
+            raise
+        print(f"mgllava {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,3 +59,17 @@ def test_down_stops_the_recorded_process(sleeper, capsys):
     assert state["worker"]["down"] == "stopped" and state["server"]["down"] == "not running"
     assert not psutil.pid_exists(sleeper.pid) or psutil.Process(sleeper.pid).status() == psutil.STATUS_ZOMBIE
     assert services.down() == {}
+
+
+def test_a_busy_warehouse_is_one_line_from_any_command(monkeypatch, capsys, tmp_path):
+    """Commands that do not catch WarehouseBusy themselves still end with one line, exit 1, no traceback."""
+    from mgllava.cli import main
+    from warehouse.db import WarehouseBusy
+
+    def busy():
+        raise WarehouseBusy(tmp_path / "warehouse.duckdb", 0.5, RuntimeError("Conflicting lock is held in x (PID 7)"))
+
+    monkeypatch.setattr(services, "down", busy)
+    assert main(["down"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "process 7" in err and "Traceback" not in err
