@@ -325,6 +325,7 @@ def prepare_run(
                 continue
             if index >= n_shards:
                 p.unlink()
+    _fsync_dir(out)  # the shard folders' entries
 
     pending = []
     for i in range(n_shards):
