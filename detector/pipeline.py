@@ -243,12 +243,11 @@ class RunPlan:
     manifest: dict
 
 
-def _write_shard_record(out: Path, index: int, fingerprint: str) -> dict:
+def _write_shard_record(out: Path, index: int, fingerprint: str) -> None:
     """Record the finished shard: the run's fingerprint and the sha256 of its two files as written."""
     files = {f"{sub}/{shard_file(index)}": sha256_file(out / sub / shard_file(index)) for sub in (REJECTS_DIR, BOXES_DIR)}
     record = {"shard": index, "fingerprint": fingerprint, "sha256": files}
     _atomic_write_bytes(out / shard_record(index), (json.dumps(record, indent=1) + "\n").encode())
-    return record
 
 
 def shard_problem(out: Path, index: int, fingerprint: str) -> str | None:
