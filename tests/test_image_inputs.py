@@ -171,6 +171,13 @@ def test_list_valued_image_is_a_record_reject_in_training(tmp_path, fault_ledger
     fault_ledger.record("list-valued image field (training)", survived=True)
 
 
+def test_a_link_out_of_the_root_in_an_image_folder_is_refused(world, fault_ledger):
+    refs = {r.key: r.path for r in collect_inputs([world / "img"], image_root=world).images}
+    assert refs["img/link.png"].startswith("refused:path_escapes_root:")
+    assert refs["img/a.png"] == str(world / "img" / "a.png")
+    fault_ledger.record("symbolic link out of the root in an image folder (detection)", survived=True)
+
+
 @pytest.mark.slow
 def test_allow_absolute_image_paths_accepts_them_in_detection_and_training(world, tmp_path):
     from detector.model import DetectorSettings
