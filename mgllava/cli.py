@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "detector.cli",
     "mgllava.train.cli",
     "mgllava.eval.cli",
+    "mgllava.convert",
     "mgllava.services",
     "mgllava.config_cli",
 )
