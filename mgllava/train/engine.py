@@ -14,10 +14,14 @@ loss curve continue where they stopped. With a ``content_key`` (what the stage's
 depends on, by part), checkpoints made under another key are refused by
 :class:`ResumeRefused`, naming the parts that changed, instead of being resumed.
 
+A step's logged loss is the mean over every rank's micro-batches, so a run on N ranks
+logs what one rank logs at the same global batch.
+
 Fault injection (the kill -9 tests): ``MGLLAVA_FAULT=<point>:<step>`` makes
 :func:`fault_point` SIGKILL the process at that point of that step: ``step`` (between
 two micro-batches), ``checkpoint`` (saved, not yet marked complete), ``warehouse``
-(inside the metric write's transaction, see :mod:`mgllava.train.job`).
+(inside the metric write's transaction, see :mod:`mgllava.train.job`); a suffix
+``@<rank>`` kills only that rank.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import time
 import zipfile
 from collections import Counter
@@ -53,8 +56,9 @@ class ResumeRefused(ConfigError):
 
 
 def fault_point(name: str, step: int) -> None:
-    """SIGKILL this process if ``MGLLAVA_FAULT`` is ``<name>:<step>`` (fault-injection tests only)."""
-    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
+    """SIGKILL this process if ``MGLLAVA_FAULT`` is ``<name>:<step>`` or ``<name>:<step>@<this rank>``
+    (fault-injection tests only)."""
+    if os.environ.get(FAULT_ENV) in (f"{name}:{step}", f"{name}:{step}@{os.environ.get('RANK', '0')}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -81,12 +85,11 @@ class StageResult:
 
 def ensure_distributed_env() -> None:
     """Make a plain process look like a one-rank ``deepspeed`` launch."""
+    from mgllava.train.launch import free_port
+
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def resolve_precision(precision: str) -> str:
@@ -303,11 +306,16 @@ def run_stage(
             samples += len(batch["input_ids"])
             tokens += n_tokens
             fault_point("step", step)
+        loss_sum, n_losses = sum(losses), len(losses)
+        if world_size > 1:
+            totals = torch.tensor([loss_sum, n_losses], dtype=torch.float64, device=engine.device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, n_losses = totals.tolist()
         elapsed = max(time.perf_counter() - step_started, 1e-9)
         grad_norm = engine.get_global_grad_norm()
         metrics = StepMetrics(
             step=step,
-            loss=sum(losses) / max(len(losses), 1),
+            loss=loss_sum / max(n_losses, 1),
             lr=scheduler.get_last_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=samples * world_size / elapsed,

@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +36,13 @@ class JobFailed(RuntimeError):
         super().__init__(f"training job exited with code {returncode}; last lines:\n" + "\n".join(tail))
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a single-node job's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_command(
     config: Config,
     stage: str,
@@ -51,7 +59,7 @@ def launch_command(
         command += ["--hostfile", hostfile]
     else:
         command += ["--num_gpus", str(num_gpus or 1)]
-    command += ["--master_addr", "127.0.0.1"] if not hostfile else []
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())] if not hostfile else []
     command += ["--module", "mgllava.train", "--config", str(config_path), "--stage", stage, "--run-id", run_id]
     return command + (["--fresh"] if fresh else [])
 
