@@ -4,6 +4,8 @@ the stage lock, and warehouse writes that survive a busy warehouse and record fa
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -213,3 +215,45 @@ def test_spooled_writes_load_in_order_once(tmp_path):
     with db.connect(read_only=True) as con:
         got = con.execute("SELECT step, loss FROM train_steps WHERE run_id = 'r' ORDER BY step").fetchall()
     assert got == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+
+def test_a_terminated_stage_is_marked_failed_with_the_signal(tiny_config, monkeypatch, fault_ledger):
+    from mgllava.train import job
+    from mgllava.train.cli import fail_on_sigterm
+    from warehouse import db
+
+    def terminated(boxes_dir):  # SIGTERM arrives while the stage loads its inputs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(job, "load_boxes", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        fail_on_sigterm()
+        with pytest.raises(SystemExit, match="terminated by signal SIGTERM"):
+            job.train(tiny_config, "pretrain", run_id="terminated")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with db.connect(read_only=True) as con:
+        row = con.execute("SELECT status, reason FROM train_stages WHERE run_id = 'terminated'").fetchone()
+    assert row == ("failed", "SystemExit: terminated by signal SIGTERM")
+    fault_ledger.record("SIGTERM during a stage", survived=row[0] == "failed")
+
+
+def test_an_interrupted_launcher_stops_its_job(tmp_path):
+    from mgllava.train.launch import run_job
+
+    script = tmp_path / "job.py"
+    script.write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    pids = []
+
+    def interrupt(line):
+        pids.append(int(line))
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_job([sys.executable, str(script)], interrupt)
+    assert time.monotonic() - started < 20  # not waiting for the job's minute
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
@@ -15,6 +16,16 @@ def _add_stage_args(parser: argparse.ArgumentParser) -> None:
         "--fresh", action="store_true", help="discard this stage's checkpoints instead of resuming from them"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def fail_on_sigterm() -> None:
+    """Make SIGTERM (a launcher stopping its ranks, a cancelled flow) raise :class:`SystemExit` in the
+    main thread, so the stage is marked failed, with the signal as its reason, before the process ends."""
+
+    def stop(signum, frame):
+        raise SystemExit(f"terminated by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def register_cli(subparsers) -> None:
@@ -39,17 +50,21 @@ def register_cli(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from mgllava.cli import config_from_args
-    from mgllava.train.job import new_run_id, train
+    from mgllava.train.job import StageBusy, new_run_id, train
 
     config = config_from_args(args)
     run_id = args.run_id or new_run_id()
-    if args.launcher:
-        from mgllava.train.launch import run_stage_job
+    fail_on_sigterm()
+    try:
+        if args.launcher:
+            from mgllava.train.launch import run_stage_job
 
-        summary = run_stage_job(config, args.stage, run_id, print, args.num_gpus, args.hostfile, args.fresh)
-        print(json.dumps(summary, indent=2))
-        return 0
-    summary = train(config, args.stage, run_id=run_id, fresh=args.fresh, progress=not args.no_progress)
+            summary = run_stage_job(config, args.stage, run_id, print, args.num_gpus, args.hostfile, args.fresh)
+        else:
+            summary = train(config, args.stage, run_id=run_id, fresh=args.fresh, progress=not args.no_progress)
+    except StageBusy as exc:
+        print(f"mgllava train: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -67,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    fail_on_sigterm()
     summary = train(config, args.stage, run_id=args.run_id, fresh=args.fresh, progress=not args.no_progress)
     if summary:
         print(RESULT_PREFIX + json.dumps(summary))

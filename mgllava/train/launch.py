@@ -77,17 +77,25 @@ def job_env() -> dict[str, str]:
 
 def run_job(command: list[str], on_line: Callable[[str], None], tail_lines: int = 40,
             extra_env: dict[str, str] | None = None) -> None:
-    """Run ``command``, passing each output line to ``on_line``; raise :class:`JobFailed` on failure."""
+    """Run ``command``, passing each output line to ``on_line``; raise :class:`JobFailed` on failure.
+
+    If this process is interrupted (an exception while it streams, SIGTERM made one), the job is sent
+    SIGTERM (the ``deepspeed`` launcher passes it to every rank) and waited for, not left running.
+    """
     env = {**job_env(), **(extra_env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
     ) as process:
         assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            on_line(line)
+        try:
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                on_line(line)
+        except BaseException:
+            process.terminate()
+            raise
     if process.returncode:
         raise JobFailed(process.returncode, list(tail))
 
