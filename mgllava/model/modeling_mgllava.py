@@ -19,6 +19,7 @@ the LLM (stage ``finetune``). Checkpoints: :meth:`MGLLaVA.save_trainable` /
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -352,7 +353,7 @@ class MGLLaVA(nn.Module):
 
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.parent.glob(f".{directory.name}.*-*"):
+        for leftover in directory.parent.glob(f".{glob.escape(directory.name)}.*-*"):
             shutil.rmtree(leftover)
         staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
         try:
