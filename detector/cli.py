@@ -1,4 +1,5 @@
-"""``mgllava detect`` and ``mgllava detector-train`` (light at import: no torch/ultralytics here)."""
+"""``mgllava detect``, ``mgllava detect import`` and ``mgllava detector-train`` (light at import: no
+torch/ultralytics here)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(func=_run_detect)
+    _register_import(p.add_subparsers(dest="detect_command", metavar="import", required=False))
 
     t = subparsers.add_parser(
         "detector-train",
@@ -74,6 +76,51 @@ def register_cli(subparsers) -> None:
                    "folder two levels above detector.model, i.e. <work_dir>/detector)")
     add_config_args(t)
     t.set_defaults(func=_run_train)
+
+
+def _register_import(subparsers) -> None:
+    from mgllava.cli import add_config_args
+
+    p = subparsers.add_parser(
+        "import",
+        help="import a published MG-LLaVA box file as a box table (instead of detecting)",
+        description="Join the entries of a reference MG-LLaVA box file (a JSON list of {id, boxes, scores, labels} "
+        "in original-image pixels, keyed by the sample id of a LLaVA JSON) to the corpus' images and write a box "
+        "table (detector/SCHEMA.md) that training and evaluation read like a detected one. Unknown ids, records "
+        "without an entry and malformed entries are counted and listed; the totals reconcile. Uses the "
+        "configuration's data.max_image_pixels and data.allow_absolute_image_paths.",
+    )
+    p.add_argument("--boxes", required=True, metavar="FILE.json", help="the reference box file")
+    p.add_argument("--corpus", required=True, metavar="DATA.json", help="the LLaVA JSON/JSONL its ids refer to")
+    p.add_argument("--image-root", required=True, metavar="DIR", help="root that the corpus' image paths are under")
+    p.add_argument("--out", required=True, metavar="DIR", help="box table directory to write")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per Parquet shard (default: 10000)")
+    p.add_argument("--overwrite", action="store_true", help="replace another box table in --out")
+    p.add_argument("--warehouse", metavar="FILE", help="DuckDB warehouse to record the table in "
+                   "(default: $MGLLAVA_HOME/warehouse.duckdb)")
+    p.add_argument("--no-warehouse", action="store_true", help="do not touch the DuckDB warehouse")
+    add_config_args(p)
+    p.set_defaults(func=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from detector.box_import import BoxImportError, import_boxes
+    from detector.errors import RunConflictError
+    from mgllava.cli import config_from_args
+
+    data = config_from_args(args).data
+    try:
+        result = import_boxes(args.boxes, args.corpus, args.image_root, args.out,
+                              max_image_pixels=data.max_image_pixels,
+                              allow_absolute=data.allow_absolute_image_paths,
+                              shard_size=args.shard_size, overwrite=args.overwrite)
+    except (BoxImportError, RunConflictError, FileNotFoundError) as exc:
+        print(f"mgllava detect import: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_warehouse:
+        _record_in_warehouse(args.warehouse, result.out)
+    print(result.summary())
+    return 0
 
 
 def _run_detect(args: argparse.Namespace) -> int:
