@@ -30,6 +30,11 @@ model built from ``--llm/--clip/--convnext`` and the chosen preset raises :class
 the key. Rotary ``inv_freq`` buffers that older transformers saved are recomputed, so they are skipped
 (and counted).
 
+To finetune from the export, point ``model.llm.path``, ``model.vision.clip_path`` and
+``model.vision.convnext_path`` at its ``llm/``, ``clip/`` and ``convnext/`` folders and copy its
+``mgllava_projectors.safetensors`` to ``<train.output_dir>/pretrain/trainable.safetensors`` (the
+weights the finetune stage starts from).
+
 Files are unpickled with ``torch.load(weights_only=True)``: tensors and plain containers only.
 mmengine also pickles training metadata beside the weights (``message_hub``'s ``HistoryBuffer``
 objects and the numpy arrays in them); those globals, and only those (:data:`METADATA_GLOBALS`),
@@ -247,6 +252,12 @@ def convert(checkpoint: str | Path, out: str | Path, model_config) -> dict:
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = floating[0] if floating and all(d == floating[0] for d in floating) else torch.float32
     model = MGLLaVA.from_config(model_config, dtype=dtype)
+    clip_size = model.low_res_encoder.clip.config.image_size
+    if clip_size != model_config.vision.low_res:
+        raise ConvertError(
+            f"the configuration's vision.low_res={model_config.vision.low_res} does not fit the CLIP at "
+            f"{model_config.vision.clip_path} (image size {clip_size}): give the preset of the checkpoint's model"
+        )
     mapped, skipped = map_state_dict(state, model, str(checkpoint))
     llm_part = {k[len(LLM_PREFIX):]: v for k, v in mapped.items() if k.startswith(LLM_PREFIX)}
     model.llm.load_state_dict(llm_part, strict=False)

@@ -246,3 +246,12 @@ def test_deepspeed_latest_cannot_leave_the_directory(tiny_zoo, tmp_path, fault_l
         convert(tmp_path / "ds", tmp_path / "export", _model_config(tiny_zoo))
     fault_ledger.record("convert: deepspeed 'latest' pointing outside its directory", survived=True)
 
+
+
+def test_preset_that_does_not_fit_the_encoders_is_refused(reference_state, tiny_zoo, tmp_path, capsys):
+    torch.save(reference_state, tmp_path / "iter_5.pth")
+    args = _convert_args(tiny_zoo, tmp_path / "iter_5.pth", tmp_path / "export")
+    assert main(args[:-1] + ["vicuna-7b"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "vision.low_res=336" in errors[0] and "image size 112" in errors[0]
+    assert not (tmp_path / "export").exists()
