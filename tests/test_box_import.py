@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -111,8 +112,9 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
         fault_ledger.record(f"detect import: {fault}", survived=True)
 
 
-def test_imported_boxes_reach_a_training_sample(imported, tiny_config):
-    from mgllava.model import MGLLaVAProcessor
+def test_imported_boxes_reach_a_training_sample_and_train(imported, tiny_config):
+    from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.train.data import Collate
 
     root, records, _ = imported
     boxes = load_boxes(root / "table")
@@ -123,15 +125,31 @@ def test_imported_boxes_reach_a_training_sample(imported, tiny_config):
     assert torch.allclose(sample["boxes"][0], expected, atol=1.0)
     assert len(dataset[0]["boxes"][0]) == 2  # a1's two boxes after the filter
 
+    # one pretrain step on the imported boxes: the box projector learns from them
+    torch.manual_seed(0)
+    model = MGLLaVA.from_config(tiny_config.model)
+    model.set_stage("pretrain")
+    batch = Collate(processor)([dataset[0], dataset[1], dataset[4]])  # a1, 7 and a missing image
+    assert [s.reason for s in batch.pop("skipped")] == ["missing"]
+    batch.pop("n_tokens")
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.box_projector[0].weight.grad.abs().sum() > 0
+
 
 def test_cli_imports_then_skips_and_refuses_a_broken_file(tmp_path, capsys, fault_ledger):
     _corpus(tmp_path)
     (tmp_path / "boxes.json").write_text(json.dumps(BOX_FILE))
     args = ["detect", "import", "--boxes", str(tmp_path / "boxes.json"), "--corpus", str(tmp_path / "corpus.json"),
-            "--image-root", str(tmp_path / "images"), "--out", str(tmp_path / "table"), "--no-warehouse"]
+            "--image-root", str(tmp_path / "images"), "--out", str(tmp_path / "table"),
+            "--warehouse", str(tmp_path / "warehouse.duckdb")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "17 entries: 6 matched, 2 unknown ids" in out and "unknown_id: zzz; 12345" in out
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:  # recorded like a detection
+        assert con.execute("SELECT detector, n_images, n_rows, n_rejects FROM box_runs").fetchall() == [
+            ("import:boxes.json", 5, 2, 3)]
+        assert con.execute("SELECT count(*) FROM box_detections").fetchone() == (3,)
     assert main(args) == 0 and "already imported, skipped" in capsys.readouterr().out
 
     (tmp_path / "boxes.json").write_text(json.dumps({"id": "a1"}))
