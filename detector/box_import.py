@@ -187,11 +187,10 @@ def _clip(detections: list[Detection], width: int, height: int, counts: ImportCo
     for x1, y1, x2, y2, score, label in detections:
         clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height),
                    min(max(x2, 0.0), width), min(max(y2, 0.0), height))
-        if clipped != (x1, y1, x2, y2):
-            counts.boxes_clipped += 1
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
             counts.boxes_dropped_empty += 1
             continue
+        counts.boxes_clipped += clipped != (x1, y1, x2, y2)
         kept.append((*clipped, score, label))
     return sorted(kept, key=lambda d: -d[4])
 

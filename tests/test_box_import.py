@@ -38,6 +38,8 @@ def _corpus(root):
         {"id": "f7", "image": ["a.png", "b.jpg"], "conversations": TURNS},  # a list: malformed image field
         {"id": "g8", "image": "../../etc/passwd", "conversations": TURNS},  # leaves the image root
         {"image": "c.png", "conversations": TURNS},  # no id
+        {"id": "h9", "image": "b.jpg", "conversations": TURNS},  # one id, two images: its entry is ambiguous
+        {"id": "h9", "image": "c.png", "conversations": TURNS},
     ]
     (root / "corpus.json").write_text(json.dumps(records))
     return records
@@ -56,6 +58,7 @@ BOX_FILE = [
     _entry("e6", [[1, 1, 9, 9]]),
     _entry("f7", [[0, 0, 5, 5]]),
     _entry("g8", [[0, 0, 5, 5]]),
+    _entry("h9", [[0, 0, 5, 5]]),
     _entry("zzz", [[0, 0, 5, 5]]),  # unknown ids
     _entry(12345, [[0, 0, 5, 5]]),
     _entry("bad1", [[1, 2, 3]]),  # malformed entries
@@ -83,10 +86,10 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
     counts, totals = result.manifest["import"]["counts"], result.manifest["totals"]
     assert {k: counts[k] for k in ("entries", "matched", "unknown_id", "text_only_id", "ambiguous_id",
                                    "duplicate_id", "malformed")} == {
-        "entries": 17, "matched": 6, "unknown_id": 2, "text_only_id": 1, "ambiguous_id": 0, "duplicate_id": 1,
+        "entries": 18, "matched": 6, "unknown_id": 2, "text_only_id": 1, "ambiguous_id": 1, "duplicate_id": 1,
         "malformed": 7}
     assert {k: counts[k] for k in ("records", "text_only_records", "records_with_entry", "records_without_entry")} == {
-        "records": 9, "text_only_records": 1, "records_with_entry": 6, "records_without_entry": 2}
+        "records": 11, "text_only_records": 1, "records_with_entry": 6, "records_without_entry": 4}
     assert (counts["images"], counts["shared_image_entries"], counts["conflicting_entries"]) == (5, 1, 1)
     assert (totals["images"], totals["rows"], totals["rejects"]) == (5, 2, 3)
     assert totals["reject_reasons"] == {"malformed_image_field": 1, "missing": 1, "path_escapes_root": 1}
@@ -94,8 +97,10 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
     assert sorted(counts["examples"]["unknown_id"]) == ["12345", "zzz"]
     malformed = counts["examples"]["malformed"]
     assert len(malformed) == 7 and all(e.startswith("entry ") for e in malformed)
-    assert "entry 9: id bad1: box 0 is not four finite numbers: [1, 2, 3]" in malformed
-    assert sorted(counts["examples"]["records_without_entry"]) == ["id c3", "record 8: no text or integer 'id'"]
+    assert "entry 10: id bad1: box 0 is not four finite numbers: [1, 2, 3]" in malformed
+    assert sorted(counts["examples"]["records_without_entry"]) == [
+        "id c3", "id h9", "id h9", "record 8: no text or integer 'id'"]
+    assert counts["examples"]["ambiguous_id"] == ["h9: its records name b.jpg, c.png"]
 
     by_key, _ = read_box_index(root / "table")  # checks the manifest's per-shard sha256 too
     assert by_key["coco/train2017/a.png"] == [(60.0, 20.0, 80.0, 40.0, pytest.approx(0.9), "tree"),
@@ -108,7 +113,7 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
     assert result.manifest["detector"]["weights_sha256"] == __import__("hashlib").sha256(
         (root / "boxes.json").read_bytes()).hexdigest()
     for fault in ("unknown ids", "malformed entries", "list image field", "image path leaving the root",
-                  "duplicate id", "id of a text-only record"):
+                  "duplicate id", "id of a text-only record", "id naming two images"):
         fault_ledger.record(f"detect import: {fault}", survived=True)
 
 
@@ -145,7 +150,7 @@ def test_cli_imports_then_skips_and_refuses_a_broken_file(tmp_path, capsys, faul
             "--warehouse", str(tmp_path / "warehouse.duckdb")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "17 entries: 6 matched, 2 unknown ids" in out and "unknown_id: zzz; 12345" in out
+    assert "18 entries: 6 matched, 2 unknown ids" in out and "unknown_id: zzz; 12345" in out
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:  # recorded like a detection
         assert con.execute("SELECT detector, n_images, n_rows, n_rejects FROM box_runs").fetchall() == [
             ("import:boxes.json", 5, 2, 3)]
