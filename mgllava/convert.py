@@ -163,9 +163,13 @@ def load_reference_state_dict(path: str | Path) -> dict:
                                "this one does not")
         state = loaded["module"]
     elif path.is_file() and path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        source, state = path, load_file(path)
+        try:
+            source, state = path, load_file(path)
+        except SafetensorError as exc:
+            raise ConvertError(f"{path}: not a readable safetensors file ({exc})") from None
     elif path.is_file():
         source, loaded = path, _torch_load(path)
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
@@ -175,7 +179,8 @@ def load_reference_state_dict(path: str | Path) -> dict:
         raise ConvertError(f"{source}: holds a {type(state).__name__}, not a state dict")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ConvertError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
+            kind = "numpy or mmengine object" if isinstance(value, _Inert) else type(value).__name__
+            raise ConvertError(f"{source}: key {key!r} holds a {kind}, not a tensor")
         if value.numel() == 0 and value.dim() <= 1:  # a ZeRO-3 placeholder: the weights are partitioned
             raise ConvertError(
                 f"{source}: key {key!r} is an empty placeholder (a ZeRO-3 checkpoint keeps its weights in the "

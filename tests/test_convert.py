@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from mgllava.cli import main
 from mgllava.convert import ConvertError, convert
@@ -118,6 +119,9 @@ def _write_layout(state: dict, layout: str, root) -> str:
     if layout == "pth":
         torch.save(state, root / "iter_5.pth")
         return str(root / "iter_5.pth")
+    if layout == "safetensors":
+        save_file(state, root / "model.safetensors")
+        return str(root / "model.safetensors")
     if layout == "mmengine_pth":
         _save_mmengine_style(state, root / "iter_5.pth")
         return str(root / "iter_5.pth")
@@ -134,7 +138,7 @@ def _convert_args(tiny_zoo, checkpoint, out) -> list[str]:
             str(tiny_zoo / "clip"), "--convnext", str(tiny_zoo / "convnext"), "--out", str(out), "--preset", "tiny"]
 
 
-@pytest.mark.parametrize("layout", ["pth", "mmengine_pth", "deepspeed_dir"])
+@pytest.mark.parametrize("layout", ["pth", "mmengine_pth", "deepspeed_dir", "safetensors"])
 def test_reference_checkpoint_converts_and_loads_with_its_weights(reference_state, tiny_zoo, tiny_world, tmp_path,
                                                                  layout, capsys):
     checkpoint = _write_layout(reference_state, layout, tmp_path / "ckpt")
@@ -255,3 +259,11 @@ def test_preset_that_does_not_fit_the_encoders_is_refused(reference_state, tiny_
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "vision.low_res=336" in errors[0] and "image size 112" in errors[0]
     assert not (tmp_path / "export").exists()
+
+
+def test_unreadable_files_are_one_error(tiny_zoo, tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    for name in ("cut.safetensors", "cut.pth"):
+        with pytest.raises(ConvertError, match=name):
+            convert(tmp_path / name, tmp_path / "export", _model_config(tiny_zoo))
