@@ -166,3 +166,29 @@ def test_cli_imports_then_skips_and_refuses_a_broken_file(tmp_path, capsys, faul
     read_box_index(tmp_path / "table")  # the earlier table is untouched by the refused imports
     fault_ledger.record("detect import: box file that is not a list", survived=True)
     fault_ledger.record("detect import: box file for another corpus", survived=True)
+
+
+def test_import_that_dies_midway_is_refused_until_redone(tmp_path, monkeypatch, fault_ledger):
+    import detector.box_import as box_import
+    from detector.errors import BoxTableError
+
+    _corpus(tmp_path)
+    (tmp_path / "boxes.json").write_text(json.dumps(BOX_FILE))
+    args = (tmp_path / "boxes.json", tmp_path / "corpus.json", tmp_path / "images", tmp_path / "table")
+    real_rows = box_import._rows
+
+    def dies_at_shard_3(table, keys, index, *rest):
+        if index == 3:
+            raise KeyboardInterrupt("killed")
+        return real_rows(table, keys, index, *rest)
+
+    monkeypatch.setattr(box_import, "_rows", dies_at_shard_3)
+    with pytest.raises(KeyboardInterrupt):
+        import_boxes(*args, shard_size=1)
+    with pytest.raises(BoxTableError, match="not finished"):
+        read_box_index(tmp_path / "table")
+    monkeypatch.setattr(box_import, "_rows", real_rows)
+    redone = import_boxes(*args, shard_size=1)
+    assert not redone.skipped and redone.manifest["totals"]["rows"] == 2
+    assert len(read_box_index(tmp_path / "table")[0]) == 2
+    fault_ledger.record("detect import: killed between shards, then rerun", survived=True, rows_lost=0)
