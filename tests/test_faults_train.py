@@ -10,7 +10,6 @@ Every run here trains the same 4 steps of 2 samples (micro-batches of 1) from th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 from mgllava.config import load_config
 from mgllava.train.engine import FAULT_ENV
+from mgllava.train.launch import job_env
 
 pytestmark = pytest.mark.slow  # each case runs the stage in 2-4 fresh processes
 
@@ -45,7 +45,7 @@ def _config_file(tiny_world, tiny_zoo, root: Path, name: str) -> Path:
 
 
 def _run_stage(config_file: Path, run_id: str, fault: str | None = None, **env_vars) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != FAULT_ENV}
+    env = {key: value for key, value in job_env().items() if key != FAULT_ENV}  # as a launched job's
     env.update({FAULT_ENV: fault} if fault else {}, **env_vars)
     command = [sys.executable, "-m", "mgllava.train", "--config", str(config_file), "--stage", "pretrain",
                "--run-id", run_id, "--no-progress"]

@@ -257,3 +257,15 @@ def test_an_interrupted_launcher_stops_its_job(tmp_path):
     assert time.monotonic() - started < 20  # not waiting for the job's minute
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)
+
+
+def test_a_job_does_not_inherit_this_process_s_distributed_world(tmp_path, monkeypatch):
+    from mgllava.train.launch import run_job
+
+    monkeypatch.setenv("RANK", "0")  # as after an in-process stage: its rendezvous port is taken
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    script = tmp_path / "world.py"
+    script.write_text("import os\nprint(os.environ.get('RANK', 'unset'), os.environ.get('MASTER_PORT', 'unset'))\n")
+    lines = []
+    run_job([sys.executable, str(script)], lines.append)
+    assert lines == ["unset unset"]

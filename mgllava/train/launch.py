@@ -64,11 +64,17 @@ def launch_command(
     return command + (["--fresh"] if fresh else [])
 
 
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def job_env() -> dict[str, str]:
     """This process's environment for a job, unbuffered, with ``OMP_NUM_THREADS`` as the user set it
     (or unset): the 1 that importing ultralytics leaves behind (the detect stage runs in the flow's
-    process) would make a CPU training job single-threaded."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process) would make a CPU training job single-threaded. Without this process's own distributed
+    world (``RANK``, ``MASTER_PORT``... set if it trained in-process): a job's ranks get theirs from
+    the launcher, and a plain job is a world of one of its own."""
+    env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     env.pop("OMP_NUM_THREADS", None)
     if mgllava.USER_OMP_NUM_THREADS is not None:
         env["OMP_NUM_THREADS"] = mgllava.USER_OMP_NUM_THREADS
