@@ -1,13 +1,32 @@
 """Chat templates for the LLM families MG-LLaVA is trained on.
 
-A template turns a conversation into text *segments*, each flagged as trainable
-or not, so that training can tokenise segment by segment and put the loss only
-on the assistant's words (and the token that closes them), exactly where the
-template places them.
+A template turns a conversation into *segments*: text, or the tokenizer's BOS/EOS
+token, each flagged as trainable or not, so that training tokenises segment by
+segment and puts the loss only on the assistant's words and what closes them.
 
-Families (SPEC section 6): Vicuna v1 (Vicuna-1.5 7B/13B, and the tiny preset),
-Phi-3, Llama-3 (Instruct) and ChatML (Yi-1.5-Chat). The tokenizer's BOS token, if it has one, is prepended by the
-caller, not written here.
+The model is XTuner's prompt templates, which the published MG-LLaVA trains and
+evaluates with (its ``encode_fn``). Each answered turn is::
+
+    [BOS] system? instruction(input)   no loss; BOS when the previous turn ended with EOS
+    answer + suffix                    loss
+    [EOS]                              loss, unless the suffix is the end-of-turn marker
+    sep                                no loss
+
+and a generation prompt is the same up to the last instruction. The system block is
+its own segment, written once before the first instruction. The text of each
+segment is tokenised on its own, as the reference does.
+
+Templates (SPEC section 6):
+
+- the reference's, as its shipped configs use them: ``vicuna`` (Vicuna-1.5 7B/13B),
+  ``phi3_chat`` (Phi-3), ``llama3_chat`` (Llama-3 Instruct), ``qwen_chat`` (Yi-1.5-Chat);
+  no system prompt, as in those configs;
+- the LLaVA-v1 conversation style with a system prompt and one BOS: ``vicuna_v1``
+  (the tiny preset's; its LLM is instruction-tuned in it by ``mgllava zoo``),
+  ``phi3``, ``llama3``, ``chatml``.
+
+:func:`llava_turns` prepares a LLaVA conversation the way the reference's
+``llava_map_fn`` does before the template applies.
 """
 
 from __future__ import annotations
@@ -17,46 +36,56 @@ from dataclasses import dataclass
 
 HUMAN, ASSISTANT = "human", "gpt"  # role names of LLaVA's conversation JSON
 IMAGE_PLACEHOLDER = "<image>"
+BOS, EOS = "bos", "eos"  # Segment.special: the tokenizer's BOS / EOS token
 
 
 @dataclass(frozen=True)
 class Segment:
     text: str
-    trainable: bool  # True on assistant replies and the end-of-turn marker after them
+    trainable: bool  # True on assistant replies and what closes them
+    special: str | None = None  # BOS or EOS: the tokenizer's token of that name (text is "")
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str
-    system: str  # system block, written once before the first user turn ("" for none)
-    user_prefix: str  # before each user message
-    user_suffix: str  # after each user message
-    assistant_prefix: str  # opens the assistant's turn (also the generation prompt)
-    assistant_suffix: str  # closes the assistant's turn; trained, so the model learns to stop
+    instruction: str  # one human turn: "{input}" marks its text; ends where the assistant's answer starts
     stop_words: tuple[str, ...]
+    system: str = ""  # written once before the first instruction ("" for none)
+    suffix: str = ""  # written after each answer, trained
+    suffix_as_eos: bool = False  # the suffix ends the turn: no EOS token after it, no BOS before the next turn
+    sep: str = ""  # after each answered turn, not trained
 
     def render(self, turns: list[tuple[str, str]], add_generation_prompt: bool = False) -> list[Segment]:
-        """Render ``[(role, text), ...]`` (roles ``human``/``gpt``) as segments.
+        """Render ``[(role, text), ...]`` (roles ``human``/``gpt``, alternating, human first) as segments.
 
-        With ``add_generation_prompt`` the result ends with the assistant prefix,
-        ready for ``generate``; the last turn must then be a human turn.
+        A trailing human turn without an answer is dropped, unless ``add_generation_prompt``:
+        then the conversation must end with a human turn and the result ends with its
+        instruction, ready for ``generate``.
         """
-        segments = [Segment(self.system, False)] if self.system else []
-        for index, (role, text) in enumerate(turns):
+        for index, (role, _) in enumerate(turns):
             if role not in (HUMAN, ASSISTANT):
                 raise ValueError(f"unknown role {role!r}; expected {HUMAN!r} or {ASSISTANT!r}")
             if role != (HUMAN, ASSISTANT)[index % 2]:
                 raise ValueError("a conversation must alternate human and gpt turns, starting with human")
-            if role == HUMAN:
-                segments.append(Segment(self.user_prefix + text + self.user_suffix + self.assistant_prefix, False))
-            else:
-                segments.append(Segment(text + self.assistant_suffix, True))
         if add_generation_prompt and (not turns or turns[-1][0] != HUMAN):
             raise ValueError("add_generation_prompt needs a conversation that ends with a human turn")
-        if not add_generation_prompt and turns and turns[-1][0] == HUMAN:
-            # a trailing human turn has no answer to learn from: drop its assistant prefix
-            last = segments[-1]
-            segments[-1] = Segment(last.text[: len(last.text) - len(self.assistant_prefix)], False)
+        segments = []
+        for index in range(0, len(turns), 2):
+            answered = index + 1 < len(turns)
+            if not answered and not add_generation_prompt:
+                break
+            if index == 0 or not self.suffix_as_eos:
+                segments.append(Segment("", False, BOS))
+            if index == 0 and self.system:
+                segments.append(Segment(self.system, False))
+            segments.append(Segment(self.instruction.format(input=turns[index][1]), False))
+            if answered:
+                segments.append(Segment(turns[index + 1][1] + self.suffix, True))
+                if not self.suffix_as_eos:
+                    segments.append(Segment("", True, EOS))
+                if self.sep:
+                    segments.append(Segment(self.sep, False))
         return segments
 
     def tokenize(
@@ -66,21 +95,46 @@ class ChatTemplate:
         bos_token_id: int | None = None,
         add_generation_prompt: bool = False,
         ignore_index: int = -100,
+        eos_token_id: int | None = None,
     ) -> tuple[list[int], list[int]]:
-        """``input_ids`` and ``labels`` of a conversation, tokenised segment by segment with
+        """``input_ids`` and ``labels`` of a conversation, each text segment tokenised on its own with
         ``encode(text)``: labels repeat the ids on trainable segments and are ``ignore_index``
-        elsewhere, so the loss falls on the assistant's words only; ``bos_token_id`` (if any) first."""
-        input_ids = [bos_token_id] if bos_token_id is not None else []
-        labels = [ignore_index] * len(input_ids)
+        elsewhere. A tokenizer without a BOS token (``bos_token_id`` None) gets none; a template
+        that closes answers with EOS needs ``eos_token_id``."""
+        input_ids: list[int] = []
+        labels: list[int] = []
         for segment in self.render(turns, add_generation_prompt=add_generation_prompt):
-            ids = encode(segment.text)
+            if segment.special == BOS:
+                ids = [] if bos_token_id is None else [bos_token_id]
+            elif segment.special == EOS:
+                if eos_token_id is None:
+                    raise ValueError(f"chat template {self.name!r} ends each answer with the tokenizer's EOS "
+                                     "token, and this tokenizer has none")
+                ids = [eos_token_id]
+            else:
+                ids = encode(segment.text)
             input_ids += ids
             labels += ids if segment.trainable else [ignore_index] * len(ids)
         return input_ids, labels
 
     def prompt(self, turns: list[tuple[str, str]]) -> str:
-        """The text to feed ``generate`` for a conversation ending with a human turn."""
+        """The text to feed ``generate`` for a conversation ending with a human turn (BOS not written)."""
         return "".join(s.text for s in self.render(turns, add_generation_prompt=True))
+
+
+def llava_turns(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A LLaVA conversation as the reference's ``llava_map_fn`` prepares it: leading assistant turns
+    dropped, and in a human turn holding ``<image>`` the placeholder moved to its start:
+    ``"<image>\\n"`` + the rest of the text, stripped (LLaVA-Pretrain captions often end with it)."""
+    start = 0
+    while start < len(turns) and turns[start][0] == ASSISTANT:
+        start += 1
+    prepared = []
+    for role, text in turns[start:]:
+        if role == HUMAN and IMAGE_PLACEHOLDER in text:
+            text = (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+        prepared.append((role, text))
+    return prepared
 
 
 _VICUNA_SYSTEM = (
@@ -91,40 +145,63 @@ _VICUNA_SYSTEM = (
 TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
+        # the reference's (XTuner PROMPT_TEMPLATE entries of the same names)
+        ChatTemplate(name="vicuna", instruction="USER: {input} ASSISTANT:", sep="\n", stop_words=()),
+        ChatTemplate(
+            name="phi3_chat",
+            instruction="<|user|>{input}<|end|>\n<|assistant|>\n",
+            suffix="<|end|>",
+            suffix_as_eos=True,
+            sep="\n",
+            stop_words=("<|end|>",),
+        ),
+        ChatTemplate(
+            name="llama3_chat",
+            instruction="<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            suffix="<|eot_id|>",
+            suffix_as_eos=True,
+            stop_words=("<|eot_id|>",),
+        ),
+        ChatTemplate(
+            name="qwen_chat",
+            instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+            suffix="<|im_end|>",
+            suffix_as_eos=True,
+            sep="\n",
+            stop_words=("<|im_end|>", "<|endoftext|>"),
+        ),
+        # LLaVA-v1 style: a system prompt, one BOS, the end-of-turn marker written as text
         ChatTemplate(
             name="vicuna_v1",
             system=_VICUNA_SYSTEM + " ",
-            user_prefix="USER: ",
-            user_suffix=" ",
-            assistant_prefix="ASSISTANT:",
-            assistant_suffix="</s>",
+            instruction="USER: {input} ASSISTANT:",
+            suffix="</s>",
+            suffix_as_eos=True,
             stop_words=("</s>",),
         ),
         ChatTemplate(
             name="phi3",
-            system="",
-            user_prefix="<|user|>\n",
-            user_suffix="<|end|>\n",
-            assistant_prefix="<|assistant|>\n",
-            assistant_suffix="<|end|>\n",
+            instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+            suffix="<|end|>\n",
+            suffix_as_eos=True,
             stop_words=("<|end|>", "<|endoftext|>"),
         ),
         ChatTemplate(
             name="llama3",
             system="<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>",
-            user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
-            user_suffix="<|eot_id|>",
-            assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
-            assistant_suffix="<|eot_id|>",
+            instruction="<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            suffix="<|eot_id|>",
+            suffix_as_eos=True,
             stop_words=("<|eot_id|>", "<|end_of_text|>"),
         ),
         ChatTemplate(
             name="chatml",
             system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-            user_prefix="<|im_start|>user\n",
-            user_suffix="<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant_suffix="<|im_end|>\n",
+            instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+            suffix="<|im_end|>\n",
+            suffix_as_eos=True,
             stop_words=("<|im_end|>", "<|endoftext|>"),
         ),
     )

@@ -37,11 +37,11 @@ def test_full_size_presets_use_the_paper_numbers():
     assert load_config(preset="yi-34b").train.finetune.zero_stage == 3
     templates = {name: load_config(preset=name).model.llm.template for name in FULL_SIZE}
     assert templates == {
-        "vicuna-7b": "vicuna_v1",
-        "vicuna-13b": "vicuna_v1",
-        "phi3-mini": "phi3",
-        "llama3-8b": "llama3",
-        "yi-34b": "chatml",
+        "vicuna-7b": "vicuna",
+        "vicuna-13b": "vicuna",
+        "phi3-mini": "phi3_chat",
+        "llama3-8b": "llama3_chat",
+        "yi-34b": "qwen_chat",
     }
 
 

@@ -148,7 +148,7 @@ def test_generation_prompt_carries_the_chat_history(model):
     assert (first == IMAGE_TOKEN_INDEX).sum() == 1 and (second == IMAGE_TOKEN_INDEX).sum() == 1
     text = tokenizer.decode(second[second != IMAGE_TOKEN_INDEX])
     assert text.index("Is there a star?") < text.index("yes") < text.index("What color is it?")
-    assert text.rstrip().endswith(processor.template.assistant_prefix.strip())
+    assert text.rstrip().endswith(processor.template.instruction.format(input="What color is it?").strip())
 
 
 def test_vision_tower_loads_from_a_full_clip_checkpoint(model_config, tmp_path):

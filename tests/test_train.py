@@ -41,8 +41,9 @@ def test_loss_is_only_on_assistant_replies_for_every_template(template_name, tok
     assert input_ids[0].item() == tokenizer.bos_token_id
     assert (input_ids == -200).sum() == 1 and labels[input_ids == -200].item() == IGNORE_INDEX
     trained = labels[labels != IGNORE_INDEX]
-    expected = tokenizer("yes" + template.assistant_suffix, add_special_tokens=False)["input_ids"]
-    expected += tokenizer("3" + template.assistant_suffix, add_special_tokens=False)["input_ids"]
+    eos = [] if template.suffix_as_eos else [tokenizer.eos_token_id]
+    expected = tokenizer("yes" + template.suffix, add_special_tokens=False)["input_ids"] + eos
+    expected += tokenizer("3" + template.suffix, add_special_tokens=False)["input_ids"] + eos
     assert trained.tolist() == expected
     # the trained tokens are exactly where the replies stand in the input
     assert torch.equal(input_ids[labels != IGNORE_INDEX], trained)

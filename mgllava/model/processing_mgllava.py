@@ -4,12 +4,14 @@ Picklable and free of model weights, so a training DataLoader can run it in its
 worker processes:
 
 - :meth:`MGLLaVAProcessor.process_image`: PIL image + raw detections ->
-  ``pixel_values`` (3, high_res, high_res) and boxes (K, 4) in the high-res frame
-  (filtering and mapping in :mod:`mgllava.model.boxes`);
+  ``pixel_values`` (3, high_res, high_res) and boxes (K >= 1, 4) in the high-res frame
+  (filtering and mapping in :mod:`mgllava.model.boxes`; one box per category when the
+  record's text is near its budget, as the reference);
 - :meth:`MGLLaVAProcessor.tokenize_conversation`: LLaVA turns + chat template ->
   ``input_ids`` and ``labels`` (T,), tokenised segment by segment with the loss
-  only on trainable (assistant) segments, BOS first when the tokenizer has one,
-  ``<image>`` -> ``IMAGE_TOKEN_INDEX``, truncated to ``max_text_length``;
+  only on trainable (assistant) segments, BOS and EOS where the template puts them,
+  ``<image>`` -> ``IMAGE_TOKEN_INDEX``, truncated to ``max_text_length`` (the
+  reference's token sequence for the same record and tokenizer, see :mod:`mgllava.templates`);
 - :meth:`MGLLaVAProcessor.__call__`: both, for one record (:meth:`with_image_features`: the text,
   with the image's precomputed frozen features);
 - :meth:`MGLLaVAProcessor.collate`: a batch, padded with the pad id (labels -100).
@@ -23,10 +25,10 @@ import torch
 from PIL import Image
 
 from mgllava.config import ModelConfig
-from mgllava.model.boxes import Boxes, prepare_boxes
+from mgllava.model.boxes import NEAR_MAX_LENGTH_MARGIN, Boxes, prepare_boxes
 from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgllava.model.vision import FrozenImageFeatures, image_to_pixel_values, load_image_normalisation
-from mgllava.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template
+from mgllava.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template, llava_turns
 
 
 class MGLLaVAProcessor:
@@ -41,6 +43,7 @@ class MGLLaVAProcessor:
         nms_iou: float = 0.2,
         box_cap_threshold: int = 100,
         boxes_per_category: int = 20,
+        object_tokens_in_max_length: bool = False,
     ):
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
@@ -50,6 +53,7 @@ class MGLLaVAProcessor:
         self.nms_iou = nms_iou
         self.box_cap_threshold = box_cap_threshold
         self.boxes_per_category = boxes_per_category
+        self.object_tokens_in_max_length = object_tokens_in_max_length
         self.pad_token_id: int = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -74,14 +78,16 @@ class MGLLaVAProcessor:
             nms_iou=config.nms_iou,
             box_cap_threshold=config.box_cap_threshold,
             boxes_per_category=config.boxes_per_category,
+            object_tokens_in_max_length=config.object_tokens_in_max_length,
         )
 
     # ------------------------------------------------------------------ images
 
     def process_image(
-        self, image: Image.Image, boxes: Boxes | None = None
+        self, image: Image.Image, boxes: Boxes | None = None, one_per_category: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ``pixel_values`` (3, high_res, high_res), boxes (K, 4) float in the high-res frame."""
+        """-> ``pixel_values`` (3, high_res, high_res), boxes (K >= 1, 4) float in the high-res frame;
+        ``one_per_category``: keep only each category's best box (a text near its budget)."""
         pixel_values = image_to_pixel_values(image, self.high_res, self.image_mean, self.image_std)
         mapped = prepare_boxes(
             boxes,
@@ -91,6 +97,7 @@ class MGLLaVAProcessor:
             self.nms_iou,
             self.box_cap_threshold,
             self.boxes_per_category,
+            one_per_category,
         )
         return pixel_values, mapped
 
@@ -109,10 +116,18 @@ class MGLLaVAProcessor:
     def tokenize_conversation(
         self, turns: list[tuple[str, str]], add_generation_prompt: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[(role, text), ...]`` -> ``input_ids``, ``labels`` (T,) long; labels -100 off the
-        trainable segments. With ``add_generation_prompt`` the text ends with the assistant prefix."""
+        """``[(role, text), ...]`` -> ``input_ids``, ``labels`` (T,) long, in the chat template (BOS and
+        EOS from the tokenizer where the template places them); labels -100 off the trainable segments;
+        cut to ``max_text_length`` tokens as the reference's ``encode_fn`` cuts (the image and object
+        tokens are spliced in later). With ``add_generation_prompt`` the text ends with the last
+        instruction, ready for ``generate``."""
         input_ids, labels = self.template.tokenize(
-            self._encode, turns, self.tokenizer.bos_token_id, add_generation_prompt, IGNORE_INDEX
+            self._encode,
+            turns,
+            self.tokenizer.bos_token_id,
+            add_generation_prompt,
+            IGNORE_INDEX,
+            eos_token_id=self.tokenizer.eos_token_id,
         )
         input_ids, labels = input_ids[: self.max_text_length], labels[: self.max_text_length]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
@@ -138,13 +153,23 @@ class MGLLaVAProcessor:
         boxes: list[Boxes | None] | None = None,
     ) -> dict:
         """One training record -> ``input_ids``, ``labels`` (T,), ``pixel_values`` (n_images, 3, H, H),
-        ``boxes`` (n_images tensors (K_i, 4)). ``turns`` must hold one ``<image>`` per image."""
+        ``boxes`` (n_images tensors (K_i, 4)). ``turns`` must hold one ``<image>`` per image.
+
+        A text within ``NEAR_MAX_LENGTH_MARGIN`` tokens of ``max_text_length`` keeps one box per
+        category; with ``object_tokens_in_max_length`` the text is then cut by the object tokens'
+        count, so the spliced sequence fits ``max_text_length`` + the image tokens."""
         images = images or []
         boxes = boxes if boxes is not None else [None] * len(images)
         if len(boxes) != len(images):
             raise ValueError(f"{len(images)} images, {len(boxes)} box sets")
         input_ids, labels = self._tokenize_record(turns, len(images))
-        processed = [self.process_image(image, image_boxes) for image, image_boxes in zip(images, boxes)]
+        near_max_length = len(input_ids) >= self.max_text_length - NEAR_MAX_LENGTH_MARGIN
+        processed = [self.process_image(image, b, near_max_length) for image, b in zip(images, boxes)]
+        if self.object_tokens_in_max_length and processed:
+            budget = self.max_text_length - sum(len(b) for _, b in processed)
+            input_ids, labels = input_ids[:budget], labels[:budget]
+            if (input_ids == IMAGE_TOKEN_INDEX).sum() != len(images):
+                raise ValueError(f"text cut to {budget} tokens to fit the object tokens cut off an image placeholder")
         pixel_values = (
             torch.stack([p for p, _ in processed])
             if processed
@@ -164,6 +189,11 @@ class MGLLaVAProcessor:
         return {"input_ids": input_ids, "labels": labels, "image_features": features}
 
     def _tokenize_record(self, turns: list[tuple[str, str]], n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training record's text, prepared as the reference's ``llava_map_fn`` does
+        (:func:`~mgllava.templates.llava_turns`: ``<image>`` first in its turn, leading assistant
+        turns dropped). The placeholder sits within the first few tokens, so only a
+        ``max_text_length`` shorter than that can cut it off: ``ValueError`` then."""
+        turns = llava_turns(turns)
         n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
         if n_placeholders != n_images:
             raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {n_images} images")

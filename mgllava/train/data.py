@@ -36,7 +36,7 @@ from detector.keys import KeyRefused, normalize_key, resolve_key
 from mgllava.model.boxes import Boxes
 from mgllava.model.processing_mgllava import MGLLaVAProcessor
 from mgllava.model.vision import FrozenImageFeatures
-from mgllava.templates import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER
+from mgllava.templates import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER, llava_turns
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,24 @@ class LoadReport:
 
 
 def _check_record(record) -> str | None:
-    """The reason a record cannot train anything, or None if it is usable."""
+    """The reason a record cannot train anything, or None if it is usable. The turns are judged as
+    training sees them (:func:`~mgllava.templates.llava_turns`): leading assistant turns, which the
+    reference drops, and a trailing human turn without an answer are no fault."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         return "malformed_record"
-    turns = record["conversations"]
-    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+    raw = record["conversations"]
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in raw):
         return "malformed_turn"
-    if any(t.get("from") not in (HUMAN, ASSISTANT) for t in turns):
+    if any(t.get("from") not in (HUMAN, ASSISTANT) for t in raw):
         return "unknown_role"
-    if not any(t["from"] == ASSISTANT for t in turns):
+    turns = llava_turns([(t["from"], t["value"]) for t in raw])
+    if not any(role == ASSISTANT for role, _ in turns):
         return "no_assistant_turn"
-    if any(not t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in turns if t["from"] == ASSISTANT):
+    if any(not text.replace(IMAGE_PLACEHOLDER, "").strip() for role, text in turns if role == ASSISTANT):
         return "empty_text"
-    if not turns or turns[0]["from"] != HUMAN or any(a["from"] == b["from"] for a, b in zip(turns, turns[1:])):
+    if any(role != (HUMAN, ASSISTANT)[index % 2] for index, (role, _) in enumerate(turns)):
         return "roles_do_not_alternate"
-    n_images = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    n_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_images != (1 if record.get("image") else 0):
         return "image_placeholder_mismatch"
     return None
