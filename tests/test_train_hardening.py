@@ -15,7 +15,7 @@ import torch
 from test_train import _Toy, _toy_collate, _ToyData
 
 from mgllava.config import ConfigError, StageConfig
-from mgllava.train.engine import ResumeRefused, run_stage
+from mgllava.train.engine import ResumeRefused, check_content_key, run_stage
 
 KEY = {"key": "k1", "parts": {"model": "m", "stage recipe": "r", "seed": "s", "corpus": "c", "boxes": "b",
                               "upstream weights": "u"}}
@@ -29,18 +29,39 @@ def _toy_run(checkpoints, stage=None, **kwargs):
 
 
 def test_resume_under_another_content_key_is_refused_naming_what_changed(tmp_path, fault_ledger):
-    first = _toy_run(tmp_path, content_key=KEY)
+    check_content_key(tmp_path, KEY, "pretrain")  # no checkpoints yet: the key is recorded
+    first = _toy_run(tmp_path)
     assert first.steps == 6
     changed = {"key": "k2", "parts": {**KEY["parts"], "stage recipe": "r2", "corpus": "c2"}}
     with pytest.raises(ResumeRefused, match=r"other inputs \(stage recipe, corpus changed\).*--fresh") as info:
-        _toy_run(tmp_path, content_key=changed)
+        check_content_key(tmp_path, changed, "pretrain")
     assert isinstance(info.value, ConfigError)
     fault_ledger.record("resume with a changed recipe and corpus", survived=True)
-    again = _toy_run(tmp_path, content_key=KEY)  # same key, already complete: nothing to train, same result
+    check_content_key(tmp_path, KEY, "pretrain")
+    again = _toy_run(tmp_path)  # same key, already complete: nothing to train, same result
     assert (again.resumed_from, again.steps, again.final_loss) == (6, 6, first.final_loss)
     (tmp_path / "content_key.json").unlink()  # checkpoints of an older version: no key, refused too
     with pytest.raises(ResumeRefused, match="carry no content key"):
-        _toy_run(tmp_path, content_key=KEY)
+        check_content_key(tmp_path, KEY, "pretrain")
+
+
+def test_a_changed_recipe_is_refused_before_the_model_loads(tiny_config, monkeypatch):
+    from mgllava.train import job
+    from warehouse import db
+
+    checkpoints = job.stage_dir(tiny_config, "pretrain") / "checkpoints"
+    check_content_key(checkpoints, {"key": "old", "parts": {}}, "pretrain")
+    (checkpoints / "step_1").mkdir()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the stage went on to load its inputs")
+
+    monkeypatch.setattr(job, "_train_stage", never)
+    with pytest.raises(ResumeRefused, match="model, stage recipe, seed, corpus, boxes, upstream weights changed"):
+        job.train(tiny_config, "pretrain", run_id="changed")
+    with db.connect(read_only=True) as con:
+        row = con.execute("SELECT status, reason FROM train_stages WHERE run_id = 'changed'").fetchone()
+    assert row[0] == "failed" and row[1].startswith("ResumeRefused: ")
 
 
 def test_train_key_parts_name_the_changed_input(tiny_config):

@@ -10,9 +10,10 @@ marks it complete (``step_N/complete``) and deletes all but the newest ``keep_ch
 A restarted job loads the newest complete checkpoint whose files open (a warning names
 each one passed over, and an empty or dangling ``latest`` tag) and skips exactly the
 micro-batches already trained on (:func:`micro_batch_order`), so the data order and the
-loss curve continue where they stopped. With a ``content_key`` (what the stage's output
-depends on, by part), checkpoints made under another key are refused by
-:class:`ResumeRefused`, naming the parts that changed, instead of being resumed.
+loss curve continue where they stopped. :func:`check_content_key` (called by the job on
+rank 0 before it loads anything) refuses checkpoints made under another content key (what
+the stage's output depends on, by part) with :class:`ResumeRefused`, naming the parts that
+changed, instead of resuming them.
 
 A step's logged loss is the mean over every rank's micro-batches, so a run on N ranks
 logs what one rank logs at the same global batch.
@@ -165,7 +166,7 @@ def check_content_key(checkpoint_dir: Path, content_key: dict, stage_name: str) 
     """Refuse checkpoints made under another content key; record the key where there are none.
 
     ``content_key`` is ``{"key": digest, "parts": {name: digest}}``; the refusal names the parts that
-    differ. Called on rank 0 before any checkpoint is loaded.
+    differ. Called on rank 0 before the stage loads its model.
     """
     recorded_file = checkpoint_dir / CONTENT_KEY
     if _checkpoints(checkpoint_dir):
@@ -235,14 +236,12 @@ def run_stage(
     on_metrics: Callable[[list[StepMetrics]], None] | None = None,
     progress: bool = True,
     keep_checkpoints: int = 2,
-    content_key: dict | None = None,
 ) -> StageResult:
     """Train ``model`` (its trainable parameters) for one stage; resume if a usable checkpoint exists.
 
     ``collate`` turns a list of dataset items into a batch dict with the model's keyword
     arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics``
-    receives each logging step's metrics (rank 0 only), as they happen. ``content_key``
-    (see :func:`check_content_key`) guards the resume against changed inputs.
+    receives each logging step's metrics (rank 0 only), as they happen.
     """
     import deepspeed
     from tqdm import tqdm
@@ -261,8 +260,6 @@ def run_stage(
         config=deepspeed_config(stage, plan, precision),
     )
     checkpoint_dir = Path(checkpoint_dir)
-    if content_key is not None and rank == 0:
-        check_content_key(checkpoint_dir, content_key, stage_name)
     client_state = _resume(engine, checkpoint_dir, stage_name, rank, world_size) or {}
     start_step = int(client_state.get("step", 0))
     if start_step:

@@ -135,7 +135,8 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     """
     import shutil
 
-    from mgllava.pipeline import box_table_fingerprint, corpus_digest
+    from mgllava.pipeline import box_table_fingerprint, corpus_digest, train_key, train_key_parts
+    from mgllava.train.engine import check_content_key
     from warehouse import training as warehouse
 
     check_stage_inputs(config, stage)
@@ -151,6 +152,9 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
                 run_id, stage, config, corpus_digest(config, stage), box_table_fingerprint(config), spool
             )
         try:
+            if rank0:  # checkpoints made from other inputs are refused before anything is loaded
+                content_key = {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
+                check_content_key(out / "checkpoints", content_key, stage)
             summary = _train_stage(config, stage, run_id, out, spool if rank0 else None, progress)
         except BaseException as exc:
             if rank0:
@@ -166,12 +170,10 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     import torch
 
     from mgllava.model import MGLLaVA, MGLLaVAProcessor
-    from mgllava.pipeline import train_key, train_key_parts
     from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
     from mgllava.train.engine import fault_point, run_stage
     from warehouse import training as warehouse
 
-    content_key = {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
     records, report = load_conversations(getattr(config.data, f"{stage}_json"))
     boxes = load_boxes(config.data.boxes_dir)
 
@@ -204,7 +206,6 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
         on_metrics=record_metrics,
         progress=progress,
         keep_checkpoints=config.train.keep_checkpoints,
-        content_key=content_key,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
