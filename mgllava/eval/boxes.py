@@ -17,6 +17,13 @@ The fingerprint covers the detector's weights (file hash, or the model YAML's na
 builds seeded random weights) and the parameters that decide boxes, so changing either
 never reuses stale boxes. With no detector configured, an image without a box row is an
 error (``allow_missing=True`` gives it no boxes instead).
+
+An export knows its detector (SPEC section 5: object tokens at evaluation come from the
+detector used for training): :func:`record_detector` copies the detector that made the
+training box table (its ``manifest.json``: weights, their sha256, parameters) into the
+export's ``detector/`` folder, and :func:`recorded_detector` gives it back at evaluation,
+refusing a weights file whose sha256 no longer matches the record before anything loads it
+(the copy still loads through ``detector.model``'s safe loading).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +40,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detector.errors import DetectorError
 from detector.keys import normalize_key
-from detector.tables import Detection
+from detector.tables import MANIFEST_FILE, Detection
 from mgllava.model.boxes import Boxes
 
 log = logging.getLogger(__name__)
+
+
+EXPORT_DETECTOR_DIR = "detector"  # in an export directory
+DETECTOR_RECORD = "detector.json"
+
+
+class BoxesUnavailable(SystemExit):
+    """The model cannot get boxes for its images (no table row and no usable detector).
+
+    A ``SystemExit``, so that the stock ``lmms-eval`` command, which logs any ``Exception`` of a
+    task and still exits 0, stops with this message and exit status 1."""
 
 
 _INDEX_CACHE: dict[tuple, tuple[dict, dict]] = {}
@@ -92,11 +112,87 @@ def detector_fingerprint(settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _is_yaml(model: str) -> bool:
+    return model.lower().endswith((".yaml", ".yml"))
+
+
+def record_detector(box_table: str | Path, out: str | Path) -> dict | None:
+    """Copy the detector that made ``box_table`` into the folder ``out`` with a ``detector.json``
+    record (weights file name, its sha256, the detection parameters); the record, or None when the
+    table names no detector that can be recorded (logged: evaluation then needs ``boxes_dir=`` or
+    ``detector=``)."""
+    from detector.model import file_sha256
+
+    try:
+        manifest = json.loads((Path(box_table) / MANIFEST_FILE).read_text())
+        settings, identity = dict(manifest["settings"] or {}), manifest["detector"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("export: no detector recorded: box table %s has no readable manifest (%s)", box_table, exc)
+        return None
+    if not settings:
+        log.warning("export: no detector recorded: box table %s was not detected (%s)", box_table, identity.get("name"))
+        return None
+    model = Path(str(settings.pop("model")))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    copied = model.is_file()
+    if copied:
+        shutil.copyfile(model, out / model.name)
+        if not _is_yaml(model.name) and file_sha256(out / model.name) != identity["weights_sha256"]:
+            shutil.rmtree(out)
+            log.error("export: no detector recorded: %s changed since it made box table %s (sha256 differs "
+                      "from the table's %s)", model, box_table, identity["weights_sha256"])
+            return None
+    embeddings = settings.pop("class_embeddings", None)
+    if embeddings:
+        shutil.copyfile(embeddings, out / Path(embeddings).name)
+    for run_only in ("device", "batch", "allow_absolute_image_paths"):
+        settings.pop(run_only, None)
+    record = {
+        "model": model.name if copied else str(model),  # an Ultralytics model YAML name builds seeded weights
+        "copied": copied,
+        "weights_sha256": identity["weights_sha256"],
+        "class_embeddings": Path(embeddings).name if embeddings else None,
+        "settings": settings,
+        "box_table": str(Path(box_table).resolve()),
+        "box_table_fingerprint": manifest.get("fingerprint"),
+    }
+    (out / DETECTOR_RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def recorded_detector(export_dir: str | Path, device: str = "auto"):
+    """``(DetectorSettings, weights sha256)`` of the detector an export recorded, or None if it has
+    none. A copied weights file whose sha256 differs from the record is refused (DetectorError)
+    before anything reads it as a model."""
+    from detector.model import DetectorSettings, file_sha256
+
+    folder = Path(export_dir) / EXPORT_DETECTOR_DIR
+    if not (folder / DETECTOR_RECORD).is_file():
+        return None
+    record = json.loads((folder / DETECTOR_RECORD).read_text())
+    model = str(folder / record["model"]) if record["copied"] else record["model"]
+    if record["copied"] and not _is_yaml(model):
+        found = file_sha256(model) if Path(model).is_file() else "missing"
+        if found != record["weights_sha256"]:
+            raise DetectorError(
+                f"{model}: the export's recorded detector does not match its record (sha256 {found[:16]}, "
+                f"recorded {record['weights_sha256'][:16]}): refusing to load it; give detector= weights "
+                "or boxes_dir= a box table instead"
+            )
+    settings = dict(record["settings"], classes=tuple(record["settings"]["classes"] or ()) or None)
+    embeddings = str(folder / record["class_embeddings"]) if record.get("class_embeddings") else None
+    return DetectorSettings(model=model, class_embeddings=embeddings, device=device, **settings), record[
+        "weights_sha256"]
+
+
 class BoxSource:
-    """Boxes for benchmark images: see the module docstring. Counts where each image's came from."""
+    """Boxes for benchmark images: see the module docstring. Counts where each image's came from.
+    With ``weights_sha256``, the detector is refused unless its weights hash to it (a recorded one)."""
 
     def __init__(self, boxes_dir: str | Path | None = None, detector_settings=None,
-                 cache_dir: str | Path | None = None, allow_missing: bool = False):
+                 cache_dir: str | Path | None = None, allow_missing: bool = False,
+                 weights_sha256: str | None = None):
         self.by_key: dict[str, list[Detection]] = {}
         self.by_sha: dict[str, list[Detection]] = {}
         if boxes_dir and (Path(boxes_dir) / "boxes").is_dir():
@@ -104,6 +200,7 @@ class BoxSource:
         elif boxes_dir:
             log.warning("box table %s not found: every image's boxes come from the detector", boxes_dir)
         self.settings = detector_settings
+        self.weights_sha256 = weights_sha256
         self.cache_dir = None
         if detector_settings is not None:
             base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "mgllava" / "detections"
@@ -155,9 +252,13 @@ class BoxSource:
             else:
                 from detector.model import get_detector
 
+                detector = get_detector(self.settings)
+                if self.weights_sha256 and detector.weights_sha256 != self.weights_sha256:
+                    raise DetectorError(f"detector {self.settings.model}: its weights do not match the recorded "
+                                        f"sha256 {self.weights_sha256[:16]}")
                 first = {digests[i]: i for i in reversed(missing)}  # one detection per distinct image
                 arrays = [np.asarray(refs[i].image.convert("RGB"))[:, :, ::-1].copy() for i in first.values()]
-                detections = dict(zip(first, get_detector(self.settings).predict(arrays), strict=True))
+                detections = dict(zip(first, detector.predict(arrays), strict=True))
                 for digest, dets in detections.items():
                     self._write_cache(digest, dets)
                 for i in missing:

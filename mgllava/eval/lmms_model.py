@@ -6,7 +6,9 @@ model arguments (all strings on the command line):
 ===================  ==================================================================
 ``pretrained``       a directory written by ``MGLLaVA.export`` (required)
 ``boxes_dir``        a Parquet box table (``mgllava detect``) to read boxes from
-``detector``         Ultralytics weights or model YAML for images the table lacks
+``detector``         Ultralytics weights or model YAML for images the table lacks; by
+                     default the detector the export recorded (the one that made its
+                     training boxes), ``none`` for no detector
 ``detector_conf``,   its score threshold, input size, NMS IoU (defaults as
 ``detector_imgsz``,  ``DetectorConfig``)
 ``detector_iou``
@@ -23,7 +25,10 @@ Only ``generate_until`` is implemented: every benchmark of SPEC section 7 is a
 ``NotImplementedError``). Requests are grouped by generation settings, sorted by prompt
 length, and answered ``batch_size`` at a time with ``MGLLaVA.generate`` (greedy; the chat
 template's stop words end an answer, and the task's ``until`` strings cut it). Each image's
-boxes come from :class:`mgllava.eval.boxes.BoxSource`.
+boxes come from :class:`mgllava.eval.boxes.BoxSource`. When the model cannot get boxes (an image
+with no table row and no detector, or a recorded detector that fails its sha256 check), it raises
+:class:`~mgllava.eval.boxes.BoxesUnavailable`: the ``lmms-eval`` command stops with that message
+and exit status 1 instead of logging the error and exiting 0.
 
 The torch model is loaded once per process and directory (:func:`load_model`) and shared
 by every instance: evaluating several tasks at once costs one copy of the weights.
@@ -42,7 +47,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
-from mgllava.eval.boxes import BoxSource, ImageRef
+from detector.errors import DetectorError
+from mgllava.eval.boxes import BoxesUnavailable, BoxSource, ImageRef, recorded_detector
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +103,22 @@ def _as_bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def _detector_settings(detector, conf, imgsz, iou, device):
-    if isinstance(detector, str) and detector:
+def _detector_settings(detector, conf, imgsz, iou, device, export_dir):
+    """``(DetectorSettings or None, weights sha256 to check or None)``: ``detector=`` weights, ``none``,
+    a DetectorSettings from Python callers, or (None) the export's recorded detector."""
+    device = "cpu" if device == "cpu" else "auto"
+    if detector is None:
+        try:
+            return recorded_detector(export_dir, device) or (None, None)
+        except DetectorError as exc:
+            raise BoxesUnavailable(f"mgllava: {exc}") from exc
+    if isinstance(detector, str):
+        if detector.strip().lower() in ("", "none"):
+            return None, None
         from detector.model import DetectorSettings
 
-        return DetectorSettings(model=detector, conf=float(conf), imgsz=int(imgsz), iou=float(iou),
-                                device="cpu" if device == "cpu" else "auto")
-    return detector or None  # a DetectorSettings given by Python callers, or None
+        return DetectorSettings(model=detector, conf=float(conf), imgsz=int(imgsz), iou=float(iou), device=device), None
+    return detector, None
 
 
 class MGLLaVALmms(lmms):
@@ -129,15 +144,15 @@ class MGLLaVALmms(lmms):
         if unused:
             log.warning("mgllava: ignoring unknown model arguments %s", sorted(unused))
         self.device = resolve_device(device)
-        self.model = load_model(pretrained, self.device)
         self.pretrained = str(Path(pretrained).resolve())
+        settings, weights_sha256 = _detector_settings(  # a refused recorded detector stops before the model loads
+            detector, detector_conf, detector_imgsz, detector_iou, self.device, self.pretrained
+        )
+        self.model = load_model(pretrained, self.device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.box_source = BoxSource(
-            boxes_dir,
-            _detector_settings(detector, detector_conf, detector_imgsz, detector_iou, self.device),
-            detection_cache,
-            allow_missing=_as_bool(allow_missing),
+            boxes_dir, settings, detection_cache, allow_missing=_as_bool(allow_missing), weights_sha256=weights_sha256
         )
         self.stats = {"requests": 0, "batches": 0, "generate_s": 0.0, "boxes_s": 0.0}
         self.boxes_used: dict[tuple[str, int], tuple[int, str]] = {}  # (task, doc_id) -> (n boxes, origin)
@@ -194,7 +209,11 @@ class MGLLaVALmms(lmms):
         refs = [self._image_ref(r) for r in requests]
         with_image = [i for i, ref in enumerate(refs) if ref is not None]
         boxes = [None] * len(refs)
-        for i, (found, origin) in zip(with_image, self.box_source.boxes([refs[i] for i in with_image])):
+        try:
+            found_boxes = self.box_source.boxes([refs[i] for i in with_image])
+        except (LookupError, DetectorError) as exc:
+            raise BoxesUnavailable(f"mgllava: no boxes for the images of {requests[0].args[4]}: {exc}") from exc
+        for i, (found, origin) in zip(with_image, found_boxes):
             boxes[i] = found
             _, _, _, doc_id, task, _ = requests[i].args
             self.boxes_used[(task, doc_id)] = (len(found), origin)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mgllava.eval.boxes import DETECTOR_RECORD, EXPORT_DETECTOR_DIR, BoxesUnavailable, recorded_detector
 from mgllava.eval.tasks import TaskPlan, plan_tasks, write_task_files
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def run_benchmark(plan, include_path: str | Path, model_kwargs: dict, limit: int
         result.generate_seconds = lm.stats["generate_s"]
         result.box_origins = dict(lm.box_source.counts)
         result.status, result.reason = "completed", ""
-    except Exception as exc:  # a failing benchmark is a result, not a crash of the run
+    except (Exception, BoxesUnavailable) as exc:  # a failing benchmark is a result, not a crash of the run
         exc = _unwrap(exc)
         log.error("benchmark %s failed: %s", plan.name, exc)
         tail = "".join(traceback.format_exception(exc)[-3:]).strip()
@@ -193,11 +194,13 @@ def detector_settings(config):
 
 
 def model_kwargs(config, model_dir: str | Path, batch_size: int | None = None) -> dict:
-    """:class:`~mgllava.eval.lmms_model.MGLLaVALmms` arguments for ``model_dir`` under ``config``."""
+    """:class:`~mgllava.eval.lmms_model.MGLLaVALmms` arguments for ``model_dir`` under ``config``: the
+    detector the export recorded (None lets the model use it), else the configured one."""
+    recorded = (Path(model_dir) / EXPORT_DETECTOR_DIR / DETECTOR_RECORD).is_file()
     return {
         "pretrained": str(Path(model_dir).resolve()),
         "boxes_dir": config.data.boxes_dir,
-        "detector": detector_settings(config),
+        "detector": None if recorded else detector_settings(config),
         "detection_cache": str(Path(config.work_dir) / "eval" / "detections"),
         "batch_size": batch_size or config.eval.batch_size,
         "max_new_tokens": config.eval.max_new_tokens,
@@ -218,7 +221,8 @@ def prepare_evaluation(config, model_dir: str | Path, tasks: list[str] | None = 
     run_dir = Path(config.work_dir) / "eval" / run_id
     include_path = write_task_files(plans, run_dir / "tasks")
     kwargs = model_kwargs(config, model_dir)
-    detector = kwargs["detector"].model if kwargs["detector"] else None
+    detector = kwargs["detector"] or (recorded_detector(model_dir) or (None,))[0]
+    detector = detector.model if detector else None
     record_run_start(run_id, str(model_dir), config, [p.name for p in plans], kwargs["boxes_dir"], detector,
                      db_path=db_path)
     return EvalRun(run_id, str(model_dir), plans, str(include_path), kwargs, config.eval.limit,

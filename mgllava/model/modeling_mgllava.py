@@ -336,7 +336,7 @@ class MGLLaVA(nn.Module):
         if unexpected or missing:
             raise KeyError(f"{path}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}")
 
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path, box_table: str | Path | None = None) -> Path:
         """Write one self-contained directory that :meth:`from_pretrained` loads::
 
         llm/                        LLM + tokenizer (save_pretrained)
@@ -344,6 +344,9 @@ class MGLLaVA(nn.Module):
         convnext/                   the open_clip ConvNeXt directory, copied (frozen, unchanged)
         mgllava_projectors.safetensors   fusion, projector, box projector
         mgllava_config.json         ModelConfig with paths relative to the directory
+        detector/                   with ``box_table`` (the training boxes): the detector that made
+                                    it, weights copied, and detector.json (sha256, parameters);
+                                    evaluation detects with it (:mod:`mgllava.eval.boxes`)
 
         It is written to a hidden directory beside ``directory`` and renamed into place (an
         existing export is renamed aside first, then deleted), so ``directory`` is never
@@ -366,6 +369,10 @@ class MGLLaVA(nn.Module):
             config = self.config.model_copy(deep=True)
             config.llm.path, config.vision.clip_path, config.vision.convnext_path = "llm", "clip", "convnext"
             (staging / EXPORT_CONFIG).write_text(config.model_dump_json(indent=2))
+            if box_table is not None:
+                from mgllava.eval.boxes import EXPORT_DETECTOR_DIR, record_detector
+
+                record_detector(box_table, staging / EXPORT_DETECTOR_DIR)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

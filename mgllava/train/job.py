@@ -210,7 +210,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     weights = model.save_trainable(out / "trainable.safetensors")
-    export = model.export(out / "export") if stage == "finetune" else None
+    export = model.export(out / "export", box_table=config.data.boxes_dir) if stage == "finetune" else None
     summary = {
         "run_id": run_id,
         "stage": stage,
