@@ -123,7 +123,7 @@ def full_train(
     ``key=value`` strings, ``benchmarks`` replaces ``eval.tasks``, ``work_dir`` moves every
     output, and ``force`` recomputes cached stages.
     """
-    from mgllava.train.job import new_run_id
+    from mgllava.train.job import new_run_id, resumable
 
     logger = get_run_logger()
     extra = list(overrides or [])
@@ -150,8 +150,8 @@ def full_train(
     run_id = new_run_id()
     stages = {}
     for stage in ("pretrain", "finetune"):
-        if force:
-            reset_stage(config, stage)  # a forced stage starts over; a retried one resumes
+        if force or not resumable(config, stage):
+            reset_stage(config, stage)  # forced, or its checkpoints are another input's: start over
         state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_key(config, stage),
                                                     return_state=True)
         _cached(logger, f"train-{stage}", state)

@@ -290,3 +290,27 @@ def test_a_job_does_not_inherit_this_process_s_distributed_world(tmp_path, monke
     lines = []
     run_job([sys.executable, str(script)], lines.append)
     assert lines == ["unset unset"]
+
+
+def test_resumable_says_whether_the_checkpoints_are_this_input_s(tiny_config):
+    """The full-train flow starts a stage over when its checkpoints were made from other inputs."""
+    from mgllava.train import job
+
+    assert job.resumable(tiny_config, "pretrain")  # no checkpoints yet
+    checkpoints = job.stage_dir(tiny_config, "pretrain") / "checkpoints"
+    (checkpoints / "step_1").mkdir(parents=True)
+    assert job.resumable(tiny_config, "pretrain")  # the key was recorded by the first call
+    tiny_config.train.pretrain.lr *= 2
+    assert not job.resumable(tiny_config, "pretrain")
+
+
+def test_the_data_section_s_image_limits_reach_training(tiny_config):
+    """data.max_image_pixels is the training loader's limit: images over it are skipped as too_large."""
+    from mgllava.train.job import train
+
+    stage = tiny_config.train.pretrain
+    stage.micro_batch, stage.global_batch, stage.max_steps, stage.save_every = 2, 2, 1, 100
+    tiny_config.data.max_image_pixels = 16 * 16  # smaller than every world image
+    tiny_config.data.cache_image_features = False
+    summary = train(tiny_config, "pretrain", run_id="small-limit", progress=False)
+    assert summary["skipped_samples"] == {"too_large": 2}

@@ -127,6 +127,24 @@ def load_boxes(boxes_dir: str | Path) -> dict:
     return {key: Boxes.from_detections(detections) for key, detections in by_key.items()}
 
 
+def content_key(config: Config, stage: str) -> dict:
+    """The stage's content key (config section, corpus, boxes, upstream weights) and its parts' digests."""
+    from mgllava.pipeline import train_key, train_key_parts
+
+    return {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
+
+
+def resumable(config: Config, stage: str) -> bool:
+    """False when the stage's checkpoints were made from other inputs (resuming them is refused)."""
+    from mgllava.train.engine import ResumeRefused, check_content_key
+
+    try:
+        check_content_key(stage_dir(config, stage) / "checkpoints", content_key(config, stage), stage)
+    except ResumeRefused:
+        return False
+    return True
+
+
 def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
     """Run one stage (resuming from its last checkpoint unless ``fresh``); return its result (rank 0).
 
@@ -135,7 +153,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     """
     import shutil
 
-    from mgllava.pipeline import box_table_fingerprint, corpus_digest, train_key, train_key_parts
+    from mgllava.pipeline import box_table_fingerprint, corpus_digest
     from mgllava.train.engine import check_content_key
     from warehouse import training as warehouse
 
@@ -153,8 +171,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
             )
         try:
             if rank0:  # checkpoints made from other inputs are refused before anything is loaded
-                content_key = {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
-                check_content_key(out / "checkpoints", content_key, stage)
+                check_content_key(out / "checkpoints", content_key(config, stage), stage)
             summary = _train_stage(config, stage, run_id, out, spool if rank0 else None, progress)
         except BaseException as exc:
             if rank0:
@@ -174,7 +191,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     from mgllava.train.engine import fault_point, run_stage
     from warehouse import training as warehouse
 
-    records, report = load_conversations(getattr(config.data, f"{stage}_json"))
+    records, report = load_conversations(getattr(config.data, f"{stage}_json"), config.data.allow_absolute_image_paths)
     boxes = load_boxes(config.data.boxes_dir)
 
     torch.manual_seed(config.train.seed)
@@ -186,7 +203,8 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     model.set_stage(stage)
     log.info("%s: trainable parameters\n%s", stage, model.trainable_summary())
     processor = MGLLaVAProcessor.from_config(config.model, tokenizer=model.processor.tokenizer)
-    dataset = ConversationDataset(records, config.data.image_root, boxes, processor)
+    dataset = ConversationDataset(records, config.data.image_root, boxes, processor,
+                                  config.data.allow_absolute_image_paths, config.data.max_image_pixels)
     if config.data.cache_image_features:
         cache_image_features(dataset, model.encode_frozen, progress=progress)
 
