@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "mgllava.convert",
     "mgllava.services",
     "mgllava.config_cli",
+    "mgllava.show_sample",
 )
 
 

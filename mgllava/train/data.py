@@ -84,9 +84,8 @@ def _check_record(record) -> str | None:
     return None
 
 
-def load_conversations(path: str | Path, allow_absolute: bool = False) -> tuple[list[dict], LoadReport]:
-    """Read a LLaVA JSON file; return the usable records (``image`` normalised) and the tally of the
-    rest. ``allow_absolute``: accept absolute image paths (``data.allow_absolute_image_paths``)."""
+def read_corpus(path: str | Path) -> list:
+    """The JSON list of a LLaVA conversation file (its records unchecked)."""
     path = Path(path)
     try:
         records = json.loads(path.read_text())
@@ -96,22 +95,37 @@ def load_conversations(path: str | Path, allow_absolute: bool = False) -> tuple[
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: a LLaVA conversation file holds a JSON list, got {type(records).__name__}")
+    return records
+
+
+def prepare_record(record, allow_absolute: bool = False) -> tuple[dict | None, str | None, str | None]:
+    """``(record with its image key normalised, None, None)`` for a usable record, else
+    ``(None, reason, detail)``; ``detail`` (the refused image value) may be None."""
+    image = record.get("image") if isinstance(record, dict) else None
+    key = None if image is None else normalize_key(image, allow_absolute)
+    if isinstance(key, KeyRefused):
+        return None, key.reason, key.detail
+    reason = _check_record(record)
+    if reason:
+        return None, reason, None
+    return (record if key is None else {**record, "image": key}), None, None
+
+
+def load_conversations(path: str | Path, allow_absolute: bool = False) -> tuple[list[dict], LoadReport]:
+    """Read a LLaVA JSON file; return the usable records (``image`` normalised) and the tally of the
+    rest. ``allow_absolute``: accept absolute image paths (``data.allow_absolute_image_paths``)."""
+    path = Path(path)
+    records = read_corpus(path)
     report = LoadReport(records=len(records))
     kept = []
     for index, record in enumerate(records):
-        image = record.get("image") if isinstance(record, dict) else None
-        key = None if image is None else normalize_key(image, allow_absolute)
-        if isinstance(key, KeyRefused):
-            reason = key.reason
-            log.warning("%s: record %s rejected: %s", path.name, record.get("id", f"#{index}"), key.detail)
-        else:
-            reason = _check_record(record)
-            if key is not None:
-                record = {**record, "image": key}
+        usable, reason, detail = prepare_record(record, allow_absolute)
         if reason:
             report.rejected[reason] += 1
+            if detail:
+                log.warning("%s: record %s rejected: %s", path.name, record.get("id", f"#{index}"), detail)
         else:
-            kept.append(record)
+            kept.append(usable)
     report.kept = len(kept)
     log.info("%s: %s", path.name, report.summary())
     return kept, report
