@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mgllava.eval.tasks import BENCHMARKS
 from mgllava.templates import TEMPLATES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -249,6 +250,25 @@ class EvalConfig(_Section):
     )
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the GPT judge's key")
 
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        _check_benchmarks(value)
+        return value
+
+    @field_validator("data_dirs")
+    @classmethod
+    def _known_data_dirs(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_benchmarks(value)
+        return value
+
+
+def _check_benchmarks(names) -> None:
+    """Fail naming every unknown benchmark name and listing the valid ones (``mgllava.eval.tasks.BENCHMARKS``)."""
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(BENCHMARKS)}")
+
 
 # --------------------------------------------------------------------------- root
 
@@ -279,6 +299,16 @@ class Config(_Section):
                 )
             if not Path(value).exists():
                 raise ConfigError(f"config field '{dotted}': path does not exist: {value}")
+
+    def unset_fields(self) -> list[str]:
+        """The dotted fields still holding a full-size preset's ``???`` placeholder."""
+
+        def walk(node: Any, prefix: str) -> list[str]:
+            if isinstance(node, dict):
+                return [found for key, value in node.items() for found in walk(value, f"{prefix}{key}.")]
+            return [prefix[:-1]] if node == REQUIRED else []
+
+        return walk(self.model_dump(mode="json"), "")
 
     def get(self, dotted: str) -> Any:
         node: Any = self
