@@ -52,22 +52,21 @@ import pyarrow as pa
 from detector import schema
 from detector.errors import RunConflictError
 from detector.images import Rejected, decode_image
-from detector.inputs import ImageRef, Inputs, _read_llava, image_ref
+from detector.inputs import ImageRef, Inputs, image_ref, read_llava
 from detector.model import params_json
 from detector.pipeline import (
     BOXES_DIR,
     PLAN_FILE,
     REJECTS_DIR,
     SHARDS_DIR,
-    _atomic_write_table,
-    _write_manifest,
-    _write_shard_record,
+    atomic_write_table,
     finalize_run,
     input_fingerprint,
     read_manifest,
     run_fingerprint,
     run_lock,
-    shard_file,
+    write_manifest,
+    write_shard,
 )
 from detector.tables import MANIFEST_FILE, Detection, sha256_file
 
@@ -197,7 +196,7 @@ def _clip(detections: list[Detection], width: int, height: int, counts: ImportCo
 
 def _read_json(path: Path, what: str):
     try:
-        return _read_llava(path) if what == "corpus" else json.loads(path.read_text())
+        return read_llava(path) if what == "corpus" else json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BoxImportError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
 
@@ -355,7 +354,7 @@ def import_boxes(
 def _write(out, run_id, fingerprint, identity, table, keys, refs, counts, shard_size, max_pixels, files) -> ImportResult:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     n_shards = math.ceil(len(keys) / shard_size)
-    _atomic_write_table(pa.table({
+    atomic_write_table(pa.table({
         "image_key": pa.array(keys, pa.string()),
         "path": pa.array([r.path for r in refs], pa.string()),
         "shard": pa.array([i // shard_size for i in range(len(keys))], pa.int32()),
@@ -368,16 +367,12 @@ def _write(out, run_id, fingerprint, identity, table, keys, refs, counts, shard_
         "detector": identity, "settings": None, "shard_size": shard_size, "n_shards": n_shards, "shards": [],
         "totals": None, "runs": [], "import": None,
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     for index in range(n_shards):
         shard_keys = keys[index * shard_size:(index + 1) * shard_size]
         rows, rejects = _rows(table, shard_keys, index, identity, counts, max_pixels)
-        _atomic_write_table(pa.Table.from_pydict(rejects, schema=schema.rejects_schema(fingerprint, index)),
-                            out / REJECTS_DIR / shard_file(index))
-        _atomic_write_table(pa.Table.from_pydict(rows, schema=schema.boxes_schema(fingerprint, index)),
-                            out / BOXES_DIR / shard_file(index))
-        _write_shard_record(out, index, fingerprint)
+        write_shard(out, index, fingerprint, rows, rejects)
     manifest["import"] = {"counts": asdict(counts)}
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     manifest = finalize_run(out, computed=list(range(n_shards)), started_at=started, run_id=run_id)
     return ImportResult(out, manifest, skipped=False)

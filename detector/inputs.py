@@ -117,7 +117,7 @@ def source_kind(path: Path) -> str:
 # --------------------------------------------------------------------------- LLaVA JSON
 
 
-def _read_llava(path: Path) -> list:
+def read_llava(path: Path) -> list:
     text = path.read_text()
     if path.suffix.lower() == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -144,7 +144,7 @@ def llava_refs(
     path: Path, image_root: Path | None, allow_absolute: bool = False
 ) -> tuple[list[ImageRef], SourceSummary]:
     root = (image_root or path.parent).resolve()
-    entries = _read_llava(path)
+    entries = read_llava(path)
     refs: list[ImageRef] = []
     summary = SourceSummary("llava_json", str(path.resolve()), str(root), entries=len(entries))
     for entry in entries:

@@ -116,7 +116,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write a Parquet file (zstd) with :func:`_atomic_write_bytes`."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -130,7 +130,7 @@ def read_manifest(out: str | Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
+def write_manifest(out: Path, manifest: dict) -> None:
     _atomic_write_bytes(out / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
 
 
@@ -250,6 +250,16 @@ def _write_shard_record(out: Path, index: int, fingerprint: str) -> None:
     _atomic_write_bytes(out / shard_record(index), (json.dumps(record, indent=1) + "\n").encode())
 
 
+
+def write_shard(out: Path, index: int, fingerprint: str, rows: dict, rejects: dict) -> None:
+    """Write shard ``index``'s rejects, then its boxes (column dicts in the schema's order), then its
+    record: the record, written last, is what marks the shard finished."""
+    rejects_table = pa.Table.from_pydict(rejects, schema=schema.rejects_schema(fingerprint, index))
+    boxes_table = pa.Table.from_pydict(rows, schema=schema.boxes_schema(fingerprint, index))
+    atomic_write_table(rejects_table, out / REJECTS_DIR / shard_file(index))
+    atomic_write_table(boxes_table, out / BOXES_DIR / shard_file(index))
+    _write_shard_record(out, index, fingerprint)
+
 def shard_problem(out: Path, index: int, fingerprint: str) -> str | None:
     """Why shard ``index`` is not a finished shard of the run ``fingerprint`` (None when it is): no record,
     another run's record, or a file whose bytes no longer hash to the recorded sha256."""
@@ -346,7 +356,7 @@ def prepare_run(
                 "shard": pa.array([i // shard_size for i in range(n_images)], pa.int32()),
             }
         )
-        _atomic_write_table(plan, out / PLAN_FILE)
+        atomic_write_table(plan, out / PLAN_FILE)
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "fingerprint": fingerprint,
@@ -369,14 +379,14 @@ def prepare_run(
         "totals": None,
         "runs": (old or {}).get("runs", []),
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return RunPlan(out, fingerprint, n_images, n_shards, pending, False, manifest)
 
 
 # --------------------------------------------------------------------------- one shard
 
 
-def _settings_from_manifest(manifest: dict) -> DetectorSettings:
+def settings_from_manifest(manifest: dict) -> DetectorSettings:
     values = dict(manifest["settings"])
     if values.get("classes") is not None:
         values["classes"] = tuple(values["classes"])
@@ -427,7 +437,7 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
         return ShardResult(index, rows + rejects, rows, rejects, boxes, computed=False)
 
     t0 = time.perf_counter()
-    settings = _settings_from_manifest(manifest)
+    settings = settings_from_manifest(manifest)
     plan = pq.read_table(out / PLAN_FILE, filters=[("shard", "=", index)])
     items = list(zip(plan["image_key"].to_pylist(), plan["path"].to_pylist(), strict=True))
     detector = get_detector(settings)
@@ -490,18 +500,13 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
             if progress:
                 progress(len(loaded))
 
-    boxes_table = pa.Table.from_pydict(rows, schema=schema.boxes_schema(fingerprint, index))
-    rejects_table = pa.Table.from_pydict(rejects, schema=schema.rejects_schema(fingerprint, index))
     if (read_manifest(out) or {}).get("run_id") != manifest.get("run_id"):  # e.g. a task outliving its run
         raise RunConflictError(f"shard {index}: another run took over {out} while it ran; its result is dropped")
-    # the record, written last, is what marks the shard finished
-    _atomic_write_table(rejects_table, out / REJECTS_DIR / shard_file(index))
-    _atomic_write_table(boxes_table, out / BOXES_DIR / shard_file(index))
-    _write_shard_record(out, index, fingerprint)
+    write_shard(out, index, fingerprint, rows, rejects)
     n_boxes = sum(len(b) for b in rows["boxes"])
     seconds = time.perf_counter() - t0
     return ShardResult(
-        index, len(items), boxes_table.num_rows, rejects_table.num_rows, n_boxes, computed=True, seconds=seconds
+        index, len(items), len(rows["image_key"]), len(rejects["image_key"]), n_boxes, computed=True, seconds=seconds
     )
 
 
@@ -567,7 +572,7 @@ def finalize_run(out: str | Path, computed: list[int] | None = None, started_at:
     manifest.setdefault("runs", []).append(
         {"started_at": started_at or now, "finished_at": now, "computed_shards": sorted(computed or [])}
     )
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 

@@ -25,9 +25,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 @task(name="detect-prepare", cache_policy=NO_CACHE)  # never cached: the files on disk are the state
 def prepare_task(sources: list[str], out: str, image_root: str | None, settings: dict, shard_size: int,
                  overwrite: bool, run_id: str) -> dict:
-    from detector.pipeline import _settings_from_manifest, prepare_run
+    from detector.pipeline import prepare_run, settings_from_manifest
 
-    plan = prepare_run(sources, out, _settings_from_manifest({"settings": settings}), image_root=image_root,
+    plan = prepare_run(sources, out, settings_from_manifest({"settings": settings}), image_root=image_root,
                        shard_size=shard_size, overwrite=overwrite, run_id=run_id)
     return {"out": str(plan.out), "fingerprint": plan.fingerprint, "n_images": plan.n_images,
             "n_shards": plan.n_shards, "pending": plan.pending, "complete": plan.complete,

@@ -209,7 +209,7 @@ def test_resume_after_kill_redoes_only_missing_shards(tmp_path, monkeypatch):
     make_images(images, 10)
     out = tmp_path / "out"
     s = settings(conf=0.99)
-    real_write = pipeline._atomic_write_table
+    real_write = pipeline.atomic_write_table
     calls = []
 
     def dying_write(table, path):
@@ -218,12 +218,12 @@ def test_resume_after_kill_redoes_only_missing_shards(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         real_write(table, path)
 
-    monkeypatch.setattr(pipeline, "_atomic_write_table", dying_write)
+    monkeypatch.setattr(pipeline, "atomic_write_table", dying_write)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_detection([images], out, s, shard_size=4)
     assert calls == ["plan.parquet", "rejects/part-00000.parquet", "boxes/part-00000.parquet",
                      "rejects/part-00001.parquet"]
-    monkeypatch.setattr(pipeline, "_atomic_write_table", real_write)
+    monkeypatch.setattr(pipeline, "atomic_write_table", real_write)
     assert sorted(p.name for p in (out / "boxes").iterdir()) == ["part-00000.parquet"]
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
     # a killed writer can also leave a temporary file behind

@@ -63,7 +63,7 @@ elif kind == "slow":
         time.sleep(0.3)
         return real_predict(self, images)
     model.Detector.predict = predict
-pipeline.run_detection([images], out, pipeline._settings_from_manifest({"settings": json.loads(settings)}),
+pipeline.run_detection([images], out, pipeline.settings_from_manifest({"settings": json.loads(settings)}),
                        shard_size=int(shard_size))
 """
 
