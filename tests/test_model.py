@@ -186,7 +186,7 @@ def test_collate_pads_right(model, world_samples):
     for row, n in enumerate(lengths):
         assert (batch["input_ids"][row, n:] == pad).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (4, 3, HIGH_RES, HIGH_RES)  # 1 + 1 + 2 + 0 images
-    assert [len(b) for b in batch["boxes"]][1:] == [0, len(world_samples[1][1]), 0]
+    assert [len(b) for b in batch["boxes"]][1:] == [1, len(world_samples[1][1]), 1]  # no boxes: one zero box
 
 
 # --------------------------------------------------------------------------- batching
