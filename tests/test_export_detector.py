@@ -137,3 +137,34 @@ def test_stock_lmms_eval_command_uses_the_recorded_detector(trained_with_detecto
     assert refused.returncode == 1
     assert "does not match its record" in refused.stderr
     fault_ledger.record("lmms-eval on an export with a tampered detector", survived=True)
+
+
+def test_what_cannot_be_recorded_is_not(trained_with_detector, tmp_path):
+    """An imported table (no detector settings) or weights changed since detection record nothing; a model
+    YAML name is recorded by name, and its built weights are checked against the recorded hash."""
+    from detector.errors import DetectorError
+    from mgllava.eval.boxes import BoxSource, record_detector
+
+    manifest = json.loads((trained_with_detector[2] / "manifest.json").read_text())
+    table = tmp_path / "table"
+    table.mkdir()
+
+    def record(settings: dict | None, sha: str = "0" * 64) -> dict | None:
+        (table / "manifest.json").write_text(json.dumps(dict(manifest, settings=settings, detector=dict(
+            manifest["detector"], weights_sha256=sha))))
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        return record_detector(table, tmp_path / "out")
+
+    assert record(None) is None  # mgllava detect import: the boxes came from a file
+    changed = tmp_path / "changed.pt"
+    changed.write_bytes(b"not the weights that made the table")
+    assert record(dict(manifest["settings"], model=str(changed))) is None
+    assert not (tmp_path / "out").exists()
+    assert record(dict(manifest["settings"], model="yolo11n.yaml"), sha="f" * 64)["copied"] is False
+    export = tmp_path / "export"
+    export.mkdir()
+    (tmp_path / "out").rename(export / EXPORT_DETECTOR_DIR)
+    settings, sha = recorded_detector(export, device="cpu")
+    assert settings.model == "yolo11n.yaml" and sha == "f" * 64
+    with pytest.raises(DetectorError, match="do not match the recorded sha256"):
+        BoxSource(None, settings, tmp_path / "cache", weights_sha256=sha).boxes([ImageRef(NEW_IMAGE)])
