@@ -157,7 +157,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.keys_without_boxes = sorted(keys - set(boxes))
         if self.keys_without_boxes:
             log.warning(
-                "%d of %d images have no row in the box tables: they get zero object tokens",
+                "%d of %d images have no row in the box tables: each gets one all-zero box (one object token)",
                 len(self.keys_without_boxes),
                 len(keys),
             )
