@@ -178,7 +178,7 @@ def test_boxes_dir_pointing_at_the_parquet_parts_fails_with_the_right_directory(
     (parts / "part-00000.parquet").write_bytes(b"")
     with pytest.raises(ConfigError, match=f"above them: {tmp_path / 'detect'}$"):
         load_boxes(parts)
-    assert load_boxes(tmp_path / "nothing-here") == {}  # no tables at all: zero object tokens, with a warning
+    assert load_boxes(tmp_path / "nothing-here") == {}  # no tables at all: one zero box per image, with a warning
 
 
 def test_kill_and_resume_continues_the_same_run(tmp_path):

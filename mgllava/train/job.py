@@ -121,7 +121,7 @@ def load_boxes(boxes_dir: str | Path) -> dict:
         if any(boxes_dir.glob("part-*.parquet")):  # the boxes/ folder itself: training would silently see no boxes
             raise ConfigError(f"data.boxes_dir={boxes_dir} holds the Parquet parts themselves; "
                              f"it should be the detect output directory above them: {boxes_dir.parent}")
-        log.warning("no box tables at %s: every image gets zero object tokens", boxes_dir)
+        log.warning("no box tables at %s: every image gets one all-zero box (one object token)", boxes_dir)
         return {}
     by_key, _ = read_box_index(boxes_dir)
     return {key: Boxes.from_detections(detections) for key, detections in by_key.items()}
@@ -201,6 +201,8 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
             stage_dir(config, "pretrain") / "trainable.safetensors", expected=set(model.projector_state_dict())
         )
     model.set_stage(stage)
+    if config.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     log.info("%s: trainable parameters\n%s", stage, model.trainable_summary())
     processor = MGLLaVAProcessor.from_config(config.model, tokenizer=model.processor.tokenizer)
     dataset = ConversationDataset(records, config.data.image_root, boxes, processor,
