@@ -124,14 +124,16 @@ class ChatTemplate:
 
 def llava_turns(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """A LLaVA conversation as the reference's ``llava_map_fn`` prepares it: leading assistant turns
-    dropped, and in a human turn holding ``<image>`` the placeholder moved to its start:
-    ``"<image>\\n"`` + the rest of the text, stripped (LLaVA-Pretrain captions often end with it)."""
+    dropped, and in a human turn holding one ``<image>`` the placeholder moved to its start:
+    ``"<image>\\n"`` + the rest of the text, stripped (LLaVA-Pretrain captions often end with it).
+    A turn with several placeholders (a multi-image record, which the reference cannot train)
+    keeps them where they are."""
     start = 0
     while start < len(turns) and turns[start][0] == ASSISTANT:
         start += 1
     prepared = []
     for role, text in turns[start:]:
-        if role == HUMAN and IMAGE_PLACEHOLDER in text:
+        if role == HUMAN and text.count(IMAGE_PLACEHOLDER) == 1:
             text = (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
         prepared.append((role, text))
     return prepared

@@ -142,6 +142,8 @@ def test_llava_turns_moves_the_image_first_and_drops_leading_answers():
     assert llava_turns(turns) == [("human", "<image>\nDescribe it briefly."), ("gpt", "A red circle.")]
     assert llava_turns([("human", "<image>"), ("gpt", "x")]) == [("human", "<image>"), ("gpt", "x")]
     assert llava_turns([("human", "No image here. "), ("gpt", "x")]) == [("human", "No image here. "), ("gpt", "x")]
+    two_images = [("human", "<image> and <image>: compare."), ("gpt", "x")]
+    assert llava_turns(two_images) == two_images
 
 
 def test_text_is_cut_at_max_text_length_as_encode_fn_cuts(char_tokenizer):
