@@ -235,6 +235,11 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="DeepSpeed checkpoints kept per stage (older ones are deleted after each save)"
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the LLM's layer activations in the backward pass (both stages, as the reference): "
+        "less memory, about a third more compute",
+    )
 
 
 # --------------------------------------------------------------------------- evaluation

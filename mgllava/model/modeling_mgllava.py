@@ -112,6 +112,12 @@ class MGLLaVA(nn.Module):
         self.llm.requires_grad_(stage == "finetune")
         self.stage = stage
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each LLM layer's activations in the backward pass instead of keeping them (in
+        training mode). Non-reentrant checkpointing: gradients also flow through a frozen LLM (stage
+        ``pretrain``) to the projectors, and the loss and gradients are those without it."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def train(self, mode: bool = True) -> MGLLaVA:
         """As ``nn.Module.train``, but the frozen encoders always stay in eval mode (no drop path)."""
         super().train(mode)

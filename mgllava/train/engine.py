@@ -251,6 +251,7 @@ def run_stage(
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     plan = plan_steps(stage, len(dataset), world_size, stage_name)
     precision = resolve_precision(stage.precision)
+    model.train()  # a loaded transformers model starts in eval mode, where it skips gradient checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(
