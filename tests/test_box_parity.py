@@ -176,3 +176,18 @@ def test_roi_aligned_setting_reaches_the_object_features(parity_model):
     )[0]
     torch.testing.assert_close(unaligned, expected)
     assert not torch.allclose(aligned, unaligned)
+
+
+def test_cached_image_features_fit_the_object_tokens_too(parity_model):
+    """Training from cached frozen features (data.cache_image_features) cuts the text by the cached
+    boxes' count as the image path does."""
+    processor = parity_model.processor
+    pixel_values, boxes = processor.process_image(IMAGE, BOXES)
+    features = parity_model.encode_frozen(pixel_values[None], [boxes])
+    processor.object_tokens_in_max_length = True
+    try:
+        record = processor.with_image_features(_turns(400), [features])
+    finally:
+        processor.object_tokens_in_max_length = False
+    assert len(record["input_ids"]) == processor.max_text_length - len(BOXES)
+    assert len(processor.with_image_features(_turns(400), [features])["input_ids"]) == processor.max_text_length

@@ -165,11 +165,7 @@ class MGLLaVAProcessor:
         input_ids, labels = self._tokenize_record(turns, len(images))
         near_max_length = len(input_ids) >= self.max_text_length - NEAR_MAX_LENGTH_MARGIN
         processed = [self.process_image(image, b, near_max_length) for image, b in zip(images, boxes)]
-        if self.object_tokens_in_max_length and processed:
-            budget = self.max_text_length - sum(len(b) for _, b in processed)
-            input_ids, labels = input_ids[:budget], labels[:budget]
-            if (input_ids == IMAGE_TOKEN_INDEX).sum() != len(images):
-                raise ValueError(f"text cut to {budget} tokens to fit the object tokens cut off an image placeholder")
+        input_ids, labels = self._fit_object_tokens(input_ids, labels, [len(b) for _, b in processed])
         pixel_values = (
             torch.stack([p for p, _ in processed])
             if processed
@@ -184,9 +180,23 @@ class MGLLaVAProcessor:
 
     def with_image_features(self, turns: list[tuple[str, str]], features: list[FrozenImageFeatures]) -> dict:
         """As :meth:`__call__`, with each image's precomputed frozen features (B = 1 each) in place of the
-        image and its boxes: ``input_ids``, ``labels`` (T,), ``image_features``."""
+        image and its boxes: ``input_ids``, ``labels`` (T,), ``image_features``. The features hold each
+        image's boxes as cached, so the one-box-per-category rule near the budget does not apply here."""
         input_ids, labels = self._tokenize_record(turns, len(features))
+        input_ids, labels = self._fit_object_tokens(input_ids, labels, [len(f.box_features[0]) for f in features])
         return {"input_ids": input_ids, "labels": labels, "image_features": features}
+
+    def _fit_object_tokens(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, n_objects: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``object_tokens_in_max_length``, the text cut by the images' object-token counts."""
+        if not self.object_tokens_in_max_length or not n_objects:
+            return input_ids, labels
+        budget = self.max_text_length - sum(n_objects)
+        input_ids, labels = input_ids[:budget], labels[:budget]
+        if (input_ids == IMAGE_TOKEN_INDEX).sum() != len(n_objects):
+            raise ValueError(f"text cut to {budget} tokens to fit the object tokens cut off an image placeholder")
+        return input_ids, labels
 
     def _tokenize_record(self, turns: list[tuple[str, str]], n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training record's text, prepared as the reference's ``llava_map_fn`` does
