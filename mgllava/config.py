@@ -235,6 +235,12 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="DeepSpeed checkpoints kept per stage (older ones are deleted after each save)"
     )
+    deepspeed_config: str | None = Field(
+        None,
+        description="a DeepSpeed JSON deep-merged over the generated config (e.g. ZeRO offload, bucket sizes); "
+        "\"auto\" keeps the generated value; batch sizes, accumulation, optimizer and precision are "
+        "refused (set them with train.<stage>.*)",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute the LLM's layer activations in the backward pass (both stages, as the reference): "

@@ -110,3 +110,85 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(stage, tiny_ba
     assert grads["projector.0.weight"].abs().sum() > 0  # through the LLM to the projector
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+# --------------------------------------------------------------------------- a user DeepSpeed JSON
+
+XTUNER_ZERO3 = {  # the shape of the reference's xtuner/configs/deepspeed/deepspeed_zero3.json
+    "gradient_accumulation_steps": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+    "fp16": {"enabled": "auto", "initial_scale_power": 16},
+    "bf16": {"enabled": "auto"},
+}
+
+
+def _plan(stage):
+    from mgllava.train.schedule import plan_steps
+
+    return plan_steps(stage, 64, 2, "finetune")
+
+
+def test_a_user_deepspeed_json_merges_over_the_generated_one(tmp_path, caplog):
+    import json
+
+    from mgllava.config import StageConfig
+    from mgllava.train.schedule import deepspeed_config, load_user_deepspeed_config
+
+    stage = StageConfig(global_batch=16, micro_batch=4, lr=1e-3, zero_stage=2, grad_clip=0.5)
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(XTUNER_ZERO3))
+    generated = deepspeed_config(stage, _plan(stage), "bf16")
+    merged = deepspeed_config(stage, _plan(stage), "bf16", load_user_deepspeed_config(path))
+    assert merged["zero_optimization"] == XTUNER_ZERO3["zero_optimization"]  # the user's ZeRO section
+    assert "replaces zero_optimization.stage=2 with 3" in caplog.text
+    assert merged["fp16"] == {"enabled": False, "initial_scale_power": 16}  # "auto": the generated value kept
+    assert merged["zero_allow_untested_optimizer"] is True
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "bf16", "scheduler"):
+        assert merged[key] == generated[key], key
+    assert (merged["train_batch_size"], merged["gradient_accumulation_steps"]) == (16, 2)
+
+
+@pytest.mark.parametrize("content, named", [
+    ({"train_batch_size": 64}, "'train_batch_size', which the pipeline controls through train.<stage>.global_batch"),
+    ({"gradient_accumulation_steps": 1}, "'gradient_accumulation_steps'"),
+    ({"bf16": {"enabled": True}}, "'bf16.enabled', which the pipeline controls through train.<stage>.precision"),
+    ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+    ([1, 2], "must hold a JSON object"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_user_deepspeed_json_that_fights_the_pipeline_is_refused_naming_the_key(content, named, tmp_path,
+                                                                                 fault_ledger):
+    import json
+
+    from mgllava.train.schedule import load_user_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ConfigError, match="^train.deepspeed_config: ") as refused:
+        load_user_deepspeed_config(path)
+    assert str(path) in str(refused.value) and named in str(refused.value)
+    fault_ledger.record("user DeepSpeed JSON: " + named.split(",")[0], survived=True)
+
+
+def test_run_stage_trains_under_the_merged_deepspeed_config(tmp_path):
+    """A real engine built from the merged config: the user's nested scheduler parameter takes effect,
+    the generated ones beside it stay (the learning rate ends at cos_min_ratio x lr instead of 0)."""
+    import torch
+    from test_train import _Toy, _toy_collate, _ToyData
+
+    from mgllava.config import StageConfig
+    from mgllava.train.engine import run_stage
+
+    stage = StageConfig(global_batch=4, micro_batch=2, lr=0.05, save_every=100)
+    ends = []
+    for name, user in (("plain", None), ("merged", {"scheduler": {"params": {"cos_min_ratio": 0.5}}})):
+        torch.manual_seed(0)
+        result = run_stage(_Toy(), _ToyData(), _toy_collate, stage, "pretrain", tmp_path / name, seed=0,
+                           progress=False, deepspeed_overrides=user)
+        assert result.steps == 6
+        ends.append(result.metrics[-1].lr)
+    assert ends[0] == pytest.approx(0.0, abs=1e-12) and ends[1] == pytest.approx(0.025)

@@ -236,12 +236,15 @@ def run_stage(
     on_metrics: Callable[[list[StepMetrics]], None] | None = None,
     progress: bool = True,
     keep_checkpoints: int = 2,
+    deepspeed_overrides: dict | None = None,
 ) -> StageResult:
     """Train ``model`` (its trainable parameters) for one stage; resume if a usable checkpoint exists.
 
     ``collate`` turns a list of dataset items into a batch dict with the model's keyword
     arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics``
-    receives each logging step's metrics (rank 0 only), as they happen.
+    receives each logging step's metrics (rank 0 only), as they happen. ``deepspeed_overrides``
+    (``train.deepspeed_config``, read by :func:`~mgllava.train.schedule.load_user_deepspeed_config`)
+    is merged over the generated DeepSpeed config.
     """
     import deepspeed
     from tqdm import tqdm
@@ -258,7 +261,7 @@ def run_stage(
         model=model,
         optimizer=optimizer,
         model_parameters=trainable,
-        config=deepspeed_config(stage, plan, precision),
+        config=deepspeed_config(stage, plan, precision, deepspeed_overrides),
     )
     checkpoint_dir = Path(checkpoint_dir)
     client_state = _resume(engine, checkpoint_dir, stage_name, rank, world_size) or {}

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mgllava.config import Config, ConfigError
-from mgllava.train.schedule import gradient_accumulation
+from mgllava.train.schedule import gradient_accumulation, load_user_deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def check_stage_inputs(config: Config, stage: str) -> None:
         f"data.{stage}_json",
     )
     gradient_accumulation(getattr(config.train, stage), int(os.environ.get("WORLD_SIZE", "1")), stage)
+    load_user_deepspeed_config(config.train.deepspeed_config)
     if stage == "finetune" and not (stage_dir(config, "pretrain") / "trainable.safetensors").exists():
         raise ConfigError(
             f"finetune starts from the pretrain stage's weights, but "
@@ -226,6 +227,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
         on_metrics=record_metrics,
         progress=progress,
         keep_checkpoints=config.train.keep_checkpoints,
+        deepspeed_overrides=load_user_deepspeed_config(config.train.deepspeed_config),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return {}

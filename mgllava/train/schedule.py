@@ -6,10 +6,25 @@ before any model is loaded.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from mgllava.config import ConfigError, StageConfig
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # in a user DeepSpeed JSON: keep the generated value (the Hugging Face / XTuner convention)
+CONTROLLED = {  # keys of the DeepSpeed config the pipeline sets from its own fields
+    "train_batch_size": "train.<stage>.global_batch",
+    "train_micro_batch_size_per_gpu": "train.<stage>.micro_batch",
+    "gradient_accumulation_steps": "train.<stage>.global_batch / (micro_batch x world size)",
+    "optimizer": "train.<stage>.lr, betas and weight_decay (the client AdamW; DeepSpeed would ignore this)",
+    "bf16.enabled": "train.<stage>.precision",
+    "fp16.enabled": "train.<stage>.precision",
+}
 
 
 @dataclass(frozen=True)
@@ -62,15 +77,70 @@ def plan_steps(stage: StageConfig, n_samples: int, world_size: int, stage_name: 
     )
 
 
-def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str) -> dict:
-    """The DeepSpeed config: ZeRO stage, batch split, clipping, precision, warm-up + cosine.
+def _dotted(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a key whose value is a dict is also listed with that dict."""
+    flat = {}
+    for key, value in tree.items():
+        flat[prefix + key] = value
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+    return flat
+
+
+def load_user_deepspeed_config(path: str | Path | None) -> dict | None:
+    """Read ``train.deepspeed_config``: a JSON object to merge over the generated config (None: none).
+
+    Refuses, naming the file and key, a file that does not read as a JSON object, and a key the
+    pipeline controls (:data:`CONTROLLED`) given a value other than ``"auto"``: batch sizes and
+    accumulation follow from the stage's fields (resume relies on them), the optimizer is the
+    client AdamW, precision is ``train.<stage>.precision``.
+    """
+    if path is None:
+        return None
+    try:
+        user = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
+    for key, value in _dotted(user).items():
+        if key in CONTROLLED and value != AUTO:
+            raise ConfigError(
+                f"train.deepspeed_config: {path} sets '{key}', which the pipeline controls through "
+                f"{CONTROLLED[key]}; remove it or give it as \"auto\""
+            )
+    return user
+
+
+def merge_deepspeed_config(generated: dict, user: dict, prefix: str = "") -> dict:
+    """``user`` deep-merged over ``generated``: objects merge key by key, other values replace, and
+    ``"auto"`` keeps the generated value (or adds nothing). A warning names each generated value replaced."""
+    merged = dict(generated)
+    for key, value in user.items():
+        if value == AUTO:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_deepspeed_config(merged[key], value, f"{prefix}{key}.")
+        else:
+            if key in merged and merged[key] != value:
+                log.warning("train.deepspeed_config replaces %s%s=%s with %s", prefix, key, json.dumps(merged[key]),
+                            json.dumps(value))
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: dict | None = None) -> dict:
+    """The DeepSpeed config: ZeRO stage, batch split, clipping, precision, warm-up + cosine,
+    with ``user`` (:func:`load_user_deepspeed_config`) merged over it (:func:`merge_deepspeed_config`).
 
     ``precision`` is the resolved one (``fp32``, ``bf16`` or ``fp16``). The optimizer is a
     client ``torch.optim.AdamW`` (it runs on every accelerator, CPU included); the
     scheduler is DeepSpeed's ``WarmupCosineLR``: linear warm-up from ``lr x
     warmup_start_factor`` over ``warmup_steps``, then cosine to 0.
     """
-    return {
+    generated = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
@@ -91,6 +161,7 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str) -> dict
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return merge_deepspeed_config(generated, user) if user else generated
 
 
 def micro_batch_order(n_samples: int, plan: StepPlan, seed: int, rank: int) -> list[list[int]]:
