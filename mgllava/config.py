@@ -217,6 +217,11 @@ class StageConfig(_Section):
     )
     save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and at the end)")
     log_every: int = Field(1, gt=0)
+    group_by_length: bool = Field(
+        False,
+        description="order the data in mega-batches of similar length, image and text-only samples apart "
+        "(LLaVA's group_by_modality_length; the reference does this in finetune)",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> StageConfig:

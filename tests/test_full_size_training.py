@@ -192,3 +192,115 @@ def test_run_stage_trains_under_the_merged_deepspeed_config(tmp_path):
         assert result.steps == 6
         ends.append(result.metrics[-1].lr)
     assert ends[0] == pytest.approx(0.0, abs=1e-12) and ends[1] == pytest.approx(0.025)
+
+
+# --------------------------------------------------------------------------- length-grouped finetune order
+
+
+def _lengths(n_image: int, n_text: int, seed: int = 0) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 2000) for _ in range(n_image)] + [-rng.randint(1, 2000) for _ in range(n_text)]
+    rng.shuffle(lengths)
+    return lengths
+
+
+def _global_order(lengths, stage, epochs=1, world_size=1, seed=0):
+    """The samples of every global batch, in training order, put back together from the ranks' micro-batches."""
+    from mgllava.train.schedule import micro_batch_order, plan_steps
+
+    plan = plan_steps(stage, len(lengths), world_size, "finetune")
+    per_rank = [micro_batch_order(len(lengths), plan, seed, rank, lengths) for rank in range(world_size)]
+    order = []
+    for step in range(plan.total_steps):
+        batch = [0] * plan.global_batch
+        for rank in range(world_size):  # rank r holds every world_size-th sample of the global batch
+            micro_batches = per_rank[rank][step * plan.grad_accum : (step + 1) * plan.grad_accum]
+            batch[rank::world_size] = [i for micro_batch in micro_batches for i in micro_batch]
+        order.extend(batch)
+    return plan, per_rank, order
+
+
+def test_length_grouping_is_on_for_the_full_size_finetunes_only():
+    for name in FULL_SIZE:
+        train = load_config(preset=name).train
+        assert train.finetune.group_by_length and not train.pretrain.group_by_length, name
+    assert not load_config(preset="tiny").train.finetune.group_by_length  # tiny keeps its shuffled order
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_length_grouped_order_is_deterministic_and_covers_each_epoch_once(world_size):
+    from mgllava.config import StageConfig
+
+    lengths = _lengths(300, 84)  # 384 samples, 2 epochs of 24 steps
+    stage = StageConfig(global_batch=16, micro_batch=4, lr=1e-3, epochs=2)
+    plan, per_rank, order = _global_order(lengths, stage, world_size=world_size)
+    assert per_rank == _global_order(lengths, stage, world_size=world_size)[1]  # a pure function: resume lines up
+    assert per_rank != _global_order(lengths, stage, world_size=world_size, seed=1)[1]
+    assert len(order) == 2 * len(lengths)
+    for epoch in (order[: len(lengths)], order[len(lengths) :]):
+        assert sorted(epoch) == list(range(len(lengths)))  # every sample exactly once per epoch
+    assert order[: len(lengths)] != order[len(lengths) :]  # each epoch its own order
+
+
+def test_length_grouped_mega_batches_hold_similar_lengths_and_one_modality():
+    from mgllava.config import StageConfig
+    from mgllava.train.schedule import mega_batch_size
+
+    lengths = _lengths(322, 62)  # 384 samples: mega-batches of 16 x 6 = 96 samples
+    stage = StageConfig(global_batch=16, micro_batch=4, lr=1e-3)
+    plan, per_rank, order = _global_order(lengths, stage, world_size=2)
+    group = mega_batch_size(len(lengths), 16)
+    assert group == 96
+    full_groups = (322 // group) + (62 // group)  # 3 of images, none of text: then the partial ones
+    for k in range(full_groups):
+        mega = [abs(lengths[i]) for i in order[k * group : (k + 1) * group]]
+        assert mega == sorted(mega, reverse=True)  # sorted longest first
+    assert abs(lengths[order[0]]) == max(abs(lengths[i]) for i in order[: full_groups * group])
+    spread = [max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b) for r in per_rank for b in r]
+    assert sum(spread) / len(spread) < 300  # lengths 1..2000: a shuffled micro-batch of 4 spreads ~1200
+    mixed = [b for r in per_rank for b in r if len({lengths[i] > 0 for i in b}) > 1]
+    boundary = order.index(next(i for i in order if lengths[i] < 0))  # where the text-only samples begin
+    assert boundary == 322 and mixed  # the global batch of samples 320-335 holds both modalities...
+    assert all(boundary // 16 == order.index(b[0]) // 16 for b in mixed)  # ...and it alone
+
+
+def test_modalities_never_share_a_micro_batch_when_they_fill_whole_mega_batches():
+    from mgllava.config import StageConfig
+
+    lengths = _lengths(192, 64)  # 256 samples: mega-batches of 16 x 4 = 64
+    stage = StageConfig(global_batch=16, micro_batch=4, lr=1e-3, epochs=3)
+    _, per_rank, _ = _global_order(lengths, stage, world_size=2)
+    assert all(len({lengths[i] > 0 for i in b}) == 1 for r in per_rank for b in r)
+
+
+def test_a_length_grouped_stage_resumes_where_it_stopped(tmp_path):
+    """Killed after step 3's checkpoint, the rerun trains steps 4-6 on the same micro-batches, same losses."""
+    import torch
+    from test_train import _Toy, _toy_collate, _ToyData
+
+    from mgllava.config import StageConfig
+    from mgllava.train.engine import run_stage
+
+    stage = StageConfig(global_batch=4, micro_batch=2, lr=0.05, save_every=3)
+    lengths = _lengths(16, 8)
+
+    def run(directory, data, **kwargs):
+        torch.manual_seed(0)
+        return run_stage(_Toy(), data, _toy_collate, stage, "finetune", tmp_path / directory, seed=0,
+                         progress=False, lengths=lengths, **kwargs)
+
+    def stop_in_step_4(metrics):
+        if metrics[-1].step == 4:
+            raise KeyboardInterrupt
+
+    whole_data = _ToyData()
+    whole = run("whole", whole_data)
+    with pytest.raises(KeyboardInterrupt):
+        run("split", _ToyData(), on_metrics=stop_in_step_4)
+    rest_data = _ToyData()
+    rest = run("split", rest_data)
+    assert rest.resumed_from == 3
+    assert rest_data.seen == whole_data.seen[12:]  # the grouped order's remaining micro-batches
+    assert [m.loss for m in rest.metrics] == pytest.approx([m.loss for m in whole.metrics[3:]], abs=1e-6)

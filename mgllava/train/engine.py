@@ -237,6 +237,7 @@ def run_stage(
     progress: bool = True,
     keep_checkpoints: int = 2,
     deepspeed_overrides: dict | None = None,
+    lengths: list[int] | None = None,
 ) -> StageResult:
     """Train ``model`` (its trainable parameters) for one stage; resume if a usable checkpoint exists.
 
@@ -244,7 +245,8 @@ def run_stage(
     arguments plus ``skipped`` (the samples it had to drop) and ``n_tokens``. ``on_metrics``
     receives each logging step's metrics (rank 0 only), as they happen. ``deepspeed_overrides``
     (``train.deepspeed_config``, read by :func:`~mgllava.train.schedule.load_user_deepspeed_config`)
-    is merged over the generated DeepSpeed config.
+    is merged over the generated DeepSpeed config. ``lengths`` (the samples' signed lengths,
+    :func:`~mgllava.train.schedule.modality_lengths`) groups the data order by modality and length.
     """
     import deepspeed
     from tqdm import tqdm
@@ -268,7 +270,7 @@ def run_stage(
     start_step = int(client_state.get("step", 0))
     if start_step:
         log.info("%s: resumed from %s at step %d/%d", stage_name, checkpoint_dir, start_step, plan.total_steps)
-    batches = micro_batch_order(len(dataset), plan, seed, rank)[start_step * plan.grad_accum :]
+    batches = micro_batch_order(len(dataset), plan, seed, rank, lengths)[start_step * plan.grad_accum :]
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,

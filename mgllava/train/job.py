@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mgllava.config import Config, ConfigError
-from mgllava.train.schedule import gradient_accumulation, load_user_deepspeed_config
+from mgllava.train.schedule import gradient_accumulation, load_user_deepspeed_config, modality_lengths
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
         progress=progress,
         keep_checkpoints=config.train.keep_checkpoints,
         deepspeed_overrides=load_user_deepspeed_config(config.train.deepspeed_config),
+        lengths=modality_lengths(records) if getattr(config.train, stage).group_by_length else None,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return {}

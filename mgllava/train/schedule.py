@@ -164,21 +164,72 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: d
     return merge_deepspeed_config(generated, user) if user else generated
 
 
-def micro_batch_order(n_samples: int, plan: StepPlan, seed: int, rank: int) -> list[list[int]]:
-    """Every micro-batch this rank will see, in order: the same for a seed, so a resumed run
-    skips exactly the micro-batches it already trained on.
+def modality_lengths(records: list[dict]) -> list[int]:
+    """Each record's text length in characters (at least 1), negative for a text-only record (no
+    ``image``): the key of the finetune's length grouping. The reference uses token counts; characters
+    rank the records the same way closely enough, without tokenizing the corpus at start-up."""
+    return [
+        max(1, sum(len(str(turn.get("value", ""))) for turn in record["conversations"]))
+        * (1 if record.get("image") is not None else -1)
+        for record in records
+    ]
 
-    Epoch ``e`` is a permutation of the samples seeded by ``seed + e``; epochs are chained
-    and sliced into global batches; rank ``r`` takes every ``world_size``-th sample.
+
+def mega_batch_size(n_samples: int, global_batch: int) -> int:
+    """Samples per mega-batch of the length grouping: ``global_batch`` times 50, or times what makes
+    four mega-batches of the corpus if fewer (at least 1), as LLaVA's LengthGroupedSampler."""
+    return global_batch * max(1, min(n_samples // (global_batch * 4), 50))
+
+
+def length_grouped_epoch(lengths: list[int], group_size: int, rng) -> list[int]:
+    """One epoch's order, grouped by modality and length (LLaVA's ``group_by_modality_length``).
+
+    The image samples (positive lengths) and the text-only ones (negative) are each shuffled and cut
+    into mega-batches of ``group_size``, each sorted longest first; the full mega-batches are shuffled
+    together, the one holding the longest sample is moved to the front (an out-of-memory shows in the
+    first step), and each modality's partial last mega-batch follows at the end. With ``group_size``
+    a multiple of the global batch, a global batch mixes the two modalities only at the one boundary
+    between the partial mega-batches (none when both modalities fill whole mega-batches).
+    """
+    full, partial = [], []
+    for is_image in (True, False):
+        members = [i for i, length in enumerate(lengths) if (length > 0) == is_image]
+        rng.shuffle(members)
+        for start in range(0, len(members), group_size):
+            chunk = sorted(members[start : start + group_size], key=lambda i: -abs(lengths[i]))
+            (full if len(chunk) == group_size else partial).append(chunk)
+    rng.shuffle(full)
+    if full:
+        longest = max(range(len(full)), key=lambda k: abs(lengths[full[k][0]]))
+        full.insert(0, full.pop(longest))
+    return [i for chunk in full + partial for i in chunk]
+
+
+def micro_batch_order(
+    n_samples: int, plan: StepPlan, seed: int, rank: int, lengths: list[int] | None = None
+) -> list[list[int]]:
+    """Every micro-batch this rank will see, in order: a pure function of its arguments, so a
+    resumed run skips exactly the micro-batches it already trained on.
+
+    Epoch ``e`` is an order of all the samples seeded by ``seed + e``: a random permutation, or with
+    ``lengths`` (:func:`modality_lengths`) :func:`length_grouped_epoch` over mega-batches of
+    :func:`mega_batch_size`. Epochs are chained and sliced into global batches; rank ``r`` takes
+    every ``world_size``-th sample.
     """
     import random
 
+    if lengths is not None and len(lengths) != n_samples:
+        raise ValueError(f"{len(lengths)} lengths for {n_samples} samples")
     needed = plan.total_steps * plan.global_batch
     order: list[int] = []
     epoch = 0
     while len(order) < needed:
-        permutation = list(range(n_samples))
-        random.Random(seed + epoch).shuffle(permutation)
+        rng = random.Random(seed + epoch)
+        if lengths is None:
+            permutation = list(range(n_samples))
+            rng.shuffle(permutation)
+        else:
+            permutation = length_grouped_epoch(lengths, mega_batch_size(n_samples, plan.global_batch), rng)
         order.extend(permutation)
         epoch += 1
     mine = order[:needed][rank :: plan.world_size]
