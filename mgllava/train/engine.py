@@ -340,9 +340,21 @@ def run_stage(
                 prune_checkpoints(checkpoint_dir, keep_checkpoints)
         step_started = time.perf_counter()  # checkpoints and metric writes are not the next step's time
     bar.close()
+    if engine.zero_optimization_partition_weights():
+        gather_partitioned_weights(engine, model, rank)
     if rank == 0:
         (checkpoint_dir / "plan.json").write_text(json.dumps(plan.__dict__, indent=2))
     return result
+
+
+def gather_partitioned_weights(engine, model: torch.nn.Module, rank: int) -> None:
+    """Under ZeRO-3 every rank holds a slice of each parameter: gather them (layer by layer, onto
+    rank 0's CPU; every rank must call this) and give rank 0's ``model`` the whole weights, so that it
+    saves and exports them as under the other ZeRO stages. The other ranks' models stay partitioned."""
+    state = engine._zero3_consolidated_16bit_state_dict()
+    if rank == 0:
+        for name, parameter in model.named_parameters():
+            parameter.data = state[name]
 
 
 def _group(batches: Iterator[dict], plan: StepPlan, start_step: int) -> Iterator[tuple[int, list[dict]]]:
