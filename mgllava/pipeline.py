@@ -113,7 +113,7 @@ def _train_inputs(config: Config, stage: str) -> dict:
         if stage == "finetune"
         else tree_digest(config.model.llm.path)
     )
-    return {
+    inputs = {
         "model": config.model.model_dump(mode="json"),
         "stage recipe": getattr(config.train, stage).model_dump(mode="json"),
         "seed": config.train.seed,
@@ -121,6 +121,9 @@ def _train_inputs(config: Config, stage: str) -> dict:
         "boxes": box_table_fingerprint(config),
         "upstream weights": upstream,
     }
+    if config.train.deepspeed_config:  # only when given: the keys of runs without one stay as they were
+        inputs["deepspeed config"] = file_digest(config.train.deepspeed_config)
+    return inputs
 
 
 def train_key(config: Config, stage: str) -> str:

@@ -378,3 +378,18 @@ def test_a_zero3_stage_saves_and_exports_whole_weights(tiny_config, tmp_path):
         torch.testing.assert_close(exported_weights[key].detach(), tensor, atol=0, rtol=0, msg=key)
     pretrained = load_file(summaries["pretrain"]["trainable_weights"])
     assert any(not torch.equal(pretrained[k], finetuned[k]) for k in pretrained)  # finetune trained on from it
+
+
+def test_the_user_deepspeed_json_is_part_of_the_stage_content_key(tmp_path):
+    """Checkpoints made under one DeepSpeed JSON are not resumed under another (a resume would mix them)."""
+    from mgllava.pipeline import train_key, train_key_parts
+
+    config = load_config()
+    plain = train_key(config, "pretrain")
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}')
+    config.train.deepspeed_config = str(ds_json)
+    first = train_key(config, "pretrain")
+    ds_json.write_text('{"zero_optimization": {"stage": 1}}')
+    assert len({plain, first, train_key(config, "pretrain")}) == 3
+    assert "deepspeed config" in train_key_parts(config, "pretrain")
