@@ -15,6 +15,7 @@ from PIL import Image
 from detector.box_import import import_boxes
 from detector.tables import read_box_index
 from mgllava.cli import main
+from mgllava.config import ConfigError
 from mgllava.model.boxes import map_boxes_to_frame
 from mgllava.train.data import ConversationDataset
 from mgllava.train.job import load_boxes
@@ -187,6 +188,8 @@ def test_import_that_dies_midway_is_refused_until_redone(tmp_path, monkeypatch, 
         import_boxes(*args, shard_size=1)
     with pytest.raises(BoxTableError, match="not finished"):
         read_box_index(tmp_path / "table")
+    with pytest.raises(ConfigError, match=r"data\.boxes_dir=.*not finished"):  # training: one configuration error
+        load_boxes(tmp_path / "table")
     monkeypatch.setattr(box_import, "_rows", real_rows)
     redone = import_boxes(*args, shard_size=1)
     assert not redone.skipped and redone.manifest["totals"]["rows"] == 2

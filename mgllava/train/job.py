@@ -114,6 +114,7 @@ def check_stage_inputs(config: Config, stage: str) -> None:
 
 def load_boxes(boxes_dir: str | Path) -> dict:
     """Image key -> :class:`Boxes` from the Parquet box tables; empty (with a warning) if there are none."""
+    from detector.errors import BoxTableError
     from detector.tables import read_box_index
     from mgllava.model.boxes import Boxes
 
@@ -124,7 +125,10 @@ def load_boxes(boxes_dir: str | Path) -> dict:
                              f"it should be the detect output directory above them: {boxes_dir.parent}")
         log.warning("no box tables at %s: every image gets one all-zero box (one object token)", boxes_dir)
         return {}
-    by_key, _ = read_box_index(boxes_dir)
+    try:
+        by_key, _ = read_box_index(boxes_dir)
+    except BoxTableError as exc:
+        raise ConfigError(f"data.boxes_dir={boxes_dir}: {exc}") from None
     return {key: Boxes.from_detections(detections) for key, detections in by_key.items()}
 
 
