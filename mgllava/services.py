@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from mgllava import child_environment
 from mgllava.config import mgllava_home
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def _running(entry: dict | None) -> bool:
 def prefect_env(api_url: str) -> dict[str, str]:
     """The environment for every Prefect process ``up`` starts or runs."""
     return {
-        **os.environ,
+        **child_environment(),
         "PREFECT_HOME": str(mgllava_home() / "prefect"),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

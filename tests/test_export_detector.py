@@ -9,7 +9,6 @@ tampered copy is refused by its sha256 before it is loaded, and the command exit
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from PIL import Image
 
 from detector.model import DetectorSettings, get_detector
 from detector.pipeline import run_detection
+from mgllava import child_environment
 from mgllava.config import load_config
 from mgllava.eval.boxes import (
     DETECTOR_RECORD,
@@ -118,7 +118,7 @@ def test_stock_lmms_eval_command_uses_the_recorded_detector(trained_with_detecto
     export = trained_with_detector[0]
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path / "work"))
     tasks = write_task_files(plan_tasks(config, ["pope"]), tmp_path / "tasks")
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = dict(child_environment(), HOME=str(tmp_path / "home"))  # a user's shell: no distributed world
 
     def lmms_eval(model_dir: Path) -> subprocess.CompletedProcess:
         command = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "mgllava", "--model_args",

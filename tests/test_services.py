@@ -73,3 +73,11 @@ def test_a_busy_warehouse_is_one_line_from_any_command(monkeypatch, capsys, tmp_
     assert main(["down"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "process 7" in err and "Traceback" not in err
+
+
+def test_prefect_processes_do_not_inherit_this_process_s_distributed_world(monkeypatch):
+    """A process that trained in-process holds its rendezvous port: a worker's flow runs must not reuse it."""
+    monkeypatch.setenv("MASTER_PORT", "29512")
+    monkeypatch.setenv("RANK", "0")
+    env = services.prefect_env("http://127.0.0.1:4200/api")
+    assert "MASTER_PORT" not in env and "RANK" not in env and env["PREFECT_API_URL"].endswith("/api")

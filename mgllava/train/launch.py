@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -64,7 +63,6 @@ def launch_command(
     return command + (["--fresh"] if fresh else [])
 
 
-DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def job_env() -> dict[str, str]:
@@ -73,7 +71,7 @@ def job_env() -> dict[str, str]:
     process) would make a CPU training job single-threaded. Without this process's own distributed
     world (``RANK``, ``MASTER_PORT``... set if it trained in-process): a job's ranks get theirs from
     the launcher, and a plain job is a world of one of its own."""
-    env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV}
+    env = mgllava.child_environment()
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("OMP_NUM_THREADS", None)
     if mgllava.USER_OMP_NUM_THREADS is not None:
