@@ -79,7 +79,7 @@ def _described(turns: list[tuple[str, str]], caption: str) -> list[tuple[str, st
 
 
 def _world_texts(world_dir: Path, template_names: list[str] | None = None, describe_images: bool = False) -> Iterator[str]:
-    """The world's conversations rendered in the chat templates (all by default), and its numbers."""
+    """The world's conversations rendered in the named chat templates (all by default), and its numbers."""
     from mgllava.templates import TEMPLATES
 
     templates = [TEMPLATES[name] for name in template_names or TEMPLATES]
@@ -88,6 +88,11 @@ def _world_texts(world_dir: Path, template_names: list[str] | None = None, descr
     for line in (world_dir / "annotations.jsonl").read_text().splitlines():
         if line.strip() and json.loads(line).get("text"):
             yield json.loads(line)["text"]
+
+
+TOKENIZER_TEMPLATES = ("vicuna_v1", "phi3", "llama3", "chatml")
+"""The chat templates the tokenizer's training text is rendered in: a fixed list, so the kit's tokenizer
+(and the tiny LLM trained on it) stays the same when templates are added to the registry."""
 
 
 def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
@@ -104,7 +109,7 @@ def train_tokenizer(world_dir: Path, vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_world_texts(world_dir), trainer=trainer)
+    tokenizer.train_from_iterator(_world_texts(world_dir, list(TOKENIZER_TEMPLATES)), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=2048, **SPECIAL_TOKENS)
 
 

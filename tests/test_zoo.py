@@ -186,3 +186,17 @@ def test_zoo_reports_how_its_llm_reads_a_caption(tiny_zoo):
     reading = llm["caption_reading"]
     assert reading == llm["caption_reading_pretrained"] and llm["instruct_loss"] is None  # the fixture's zoo: no tuning
     assert reading["n"] == 200 and all(0.0 <= reading[k] <= 1.0 for k in ("existence_acc", "choice_acc", "mc_acc"))
+
+
+def test_the_tokenizer_does_not_change_when_a_template_is_added(tiny_world, monkeypatch):
+    """The kit's tokenizer is trained on a fixed list of templates, so the tiny model it feeds is
+    reproducible across template additions."""
+    from dataclasses import replace
+
+    from mgllava import templates
+    from mgllava.zoo import train_tokenizer
+
+    before = train_tokenizer(tiny_world).get_vocab()
+    added = replace(templates.TEMPLATES["vicuna"], name="added", instruction="<<ADDED>> {input} <<REPLY>>")
+    monkeypatch.setitem(templates.TEMPLATES, "added", added)
+    assert train_tokenizer(tiny_world).get_vocab() == before
