@@ -88,7 +88,7 @@ def _register_import(subparsers) -> None:
         "in original-image pixels, keyed by the sample id of a LLaVA JSON) to the corpus' images and write a box "
         "table (detector/SCHEMA.md) that training and evaluation read like a detected one. Unknown ids, records "
         "without an entry and malformed entries are counted and listed; the totals reconcile. Uses the "
-        "configuration's data.max_image_pixels and data.allow_absolute_image_paths.",
+        "configuration's detector.max_image_pixels and data.allow_absolute_image_paths.",
     )
     p.add_argument("--boxes", required=True, metavar="FILE.json", help="the reference box file")
     p.add_argument("--corpus", required=True, metavar="DATA.json", help="the LLaVA JSON/JSONL its ids refer to")
@@ -108,11 +108,11 @@ def _run_import(args: argparse.Namespace) -> int:
     from detector.errors import RunConflictError
     from mgllava.cli import config_from_args
 
-    data = config_from_args(args).data
+    config = config_from_args(args)
     try:
         result = import_boxes(args.boxes, args.corpus, args.image_root, args.out,
-                              max_image_pixels=data.max_image_pixels,
-                              allow_absolute=data.allow_absolute_image_paths,
+                              max_image_pixels=config.detector.max_image_pixels,
+                              allow_absolute=config.data.allow_absolute_image_paths,
                               shard_size=args.shard_size, overwrite=args.overwrite)
     except (BoxImportError, RunConflictError, FileNotFoundError) as exc:
         print(f"mgllava detect import: error: {exc}", file=sys.stderr)

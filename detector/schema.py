@@ -64,7 +64,7 @@ REJECT_REASONS = {
     "unreadable": "the file cannot be opened or identified as an image",
     "truncated": "the header is readable but the pixel data is cut short or corrupt",
     "zero_size": "the image has a zero width or height",
-    "too_large": "width x height exceeds detector.max_image_pixels / data.max_image_pixels "
+    "too_large": "width x height exceeds detector.max_image_pixels "
     "(or Pillow's decompression-bomb limit)",
     "detector_error": "the detector raised an error on this image alone",
 }

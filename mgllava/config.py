@@ -159,9 +159,6 @@ class DataConfig(_Section):
         False,
         description="accept absolute 'image' paths in corpora (off: every image must lie below image_root)",
     )
-    max_image_pixels: int = Field(
-        50_000_000, gt=0, description="training rejects larger images (the same limit as detection's)"
-    )
     cache_image_features: bool = Field(
         False,
         description="encode each image once with the frozen encoders before a training stage and keep the "
@@ -193,7 +190,9 @@ class DetectorConfig(_Section):
     batch: int = Field(16, gt=0)
     device: str = Field("auto", description="auto, cpu, or a CUDA device such as 0")
     shard_size: int = Field(256, gt=0, description="images per Parquet shard")
-    max_image_pixels: int = Field(50_000_000, gt=0, description="larger images are rejected")
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, description="larger images are rejected, by detection, training, import and chat alike"
+    )
     train: DetectorTrainConfig = Field(default_factory=DetectorTrainConfig)
 
 

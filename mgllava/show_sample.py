@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     processor = MGLLaVAProcessor.from_config(config.model, AutoTokenizer.from_pretrained(config.model.llm.path))
     boxes = load_boxes(config.data.boxes_dir) if record.get("image") else {}
     dataset = ConversationDataset([record], config.data.image_root, boxes, processor,
-                                  config.data.allow_absolute_image_paths, config.data.max_image_pixels)
+                                  config.data.allow_absolute_image_paths, config.detector.max_image_pixels)
     sample = dataset[0]
     if isinstance(sample, Skipped):
         print(f"image {sample.key} is skipped by training: {sample.reason}")

@@ -305,12 +305,12 @@ def test_resumable_says_whether_the_checkpoints_are_this_input_s(tiny_config):
 
 
 def test_the_data_section_s_image_limits_reach_training(tiny_config):
-    """data.max_image_pixels is the training loader's limit: images over it are skipped as too_large."""
+    """detector.max_image_pixels is also the training loader's limit: images over it are skipped as too_large."""
     from mgllava.train.job import train
 
     stage = tiny_config.train.pretrain
     stage.micro_batch, stage.global_batch, stage.max_steps, stage.save_every = 2, 2, 1, 100
-    tiny_config.data.max_image_pixels = 16 * 16  # smaller than every world image
+    tiny_config.detector.max_image_pixels = 16 * 16  # smaller than every world image
     tiny_config.data.cache_image_features = False
     summary = train(tiny_config, "pretrain", run_id="small-limit", progress=False)
     assert summary["skipped_samples"] == {"too_large": 2}

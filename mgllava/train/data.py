@@ -10,7 +10,7 @@
   runs the model's processor (preprocessing, box mapping, chat template, loss
   masking, truncation) and, for an image that detection would reject (the shared
   loader :func:`detector.images.decode_image`: missing, corrupt, over
-  ``data.max_image_pixels``, a link out of the root...), returns a :class:`Skipped`
+  ``detector.max_image_pixels``, a link out of the root...), returns a :class:`Skipped`
   marker with detection's reason instead of raising, so a DataLoader worker never
   crashes the run.
 - :func:`cache_image_features` encodes each image once with the frozen encoders

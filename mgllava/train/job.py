@@ -211,7 +211,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     log.info("%s: trainable parameters\n%s", stage, model.trainable_summary())
     processor = MGLLaVAProcessor.from_config(config.model, tokenizer=model.processor.tokenizer)
     dataset = ConversationDataset(records, config.data.image_root, boxes, processor,
-                                  config.data.allow_absolute_image_paths, config.data.max_image_pixels)
+                                  config.data.allow_absolute_image_paths, config.detector.max_image_pixels)
     if config.data.cache_image_features:
         cache_image_features(dataset, model.encode_frozen, progress=progress)
 
