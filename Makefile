@@ -13,11 +13,12 @@ export DS_ACCELERATOR ?= cpu
 
 install: $(VENV)/.installed
 
-# pyproject.toml pins torch==2.14.1 / torchvision==0.29.1 (see README "Install")
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact tested set; pyproject.toml holds the ranges and pins torch==2.14.1 /
+# torchvision==0.29.1 (see the README's install notes)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --progress-bar off -c constraints.txt -e '.[dev]'
 	touch $@
 
 # The main job on the embedded default (tiny preset, shapes world), as users run it:
