@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -32,6 +33,9 @@ from detector.errors import DetectorError, DetectorQualityError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+PLOTS = ("results.png", "labels.jpg", "BoxPR_curve.png", "confusion_matrix_normalized.png", "train_batch0.jpg",
+         "val_batch0_pred.jpg")
+"""Ultralytics' own training plots (``plots=True``) in the run folder, in the order a report shows them."""
 
 
 def _read_dataset_yaml(data: Path) -> dict:
@@ -70,6 +74,23 @@ def _heldout_split(data: Path, spec: dict) -> str:
     return "test" if spec.get("test") else "val"
 
 
+def _epoch_reporter(progress: Callable[[float, str], None] | None) -> Callable:
+    """An Ultralytics ``on_fit_epoch_end`` callback: one log line per epoch (losses, mAP50), and ``progress``."""
+
+    def report(trainer) -> None:
+        epoch, metrics = trainer.epoch + 1, trainer.metrics or {}
+        if epoch > trainer.epochs:  # Ultralytics calls it again after validating best.pt
+            return
+        losses = ", ".join(f"{name} {float(value):.3f}" for name, value in (trainer.tloss or {}).items())
+        line = (f"detector epoch {epoch}/{trainer.epochs}: {losses}; "
+                f"mAP50 {float(metrics.get('metrics/mAP50(B)', float('nan'))):.3f}")
+        log.info(line)
+        if progress:
+            progress(epoch / trainer.epochs, line)
+
+    return report
+
+
 def train_detector(
     data: str | Path,
     out: str | Path,
@@ -81,9 +102,13 @@ def train_detector(
     device: str = "auto",
     workers: int = 2,
     seed: int = 0,
+    progress: Callable[[float, str], None] | None = None,
     **train_kwargs,
 ) -> dict:
-    """Train ``base`` (a model YAML: from scratch; a ``.pt``: fine-tune) on ``data``; return the metrics."""
+    """Train ``base`` (a model YAML: from scratch; a ``.pt``: fine-tune) on ``data``; return the metrics.
+
+    Each epoch logs its validation mAP50 and calls ``progress(fraction done, that line)``; Ultralytics'
+    own plots (:data:`PLOTS`, among others) are written next to ``weights/``."""
     from ultralytics import YOLO
 
     from detector.model import (
@@ -117,10 +142,11 @@ def train_detector(
         model = YOLO(str(base_path) if base_path.exists() else base) if is_yaml else load_weights(base_path)
         kwargs = dict(
             data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
-            project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False, seed=seed,
+            project=str(out.parent), name=out.name, exist_ok=True, plots=True, amp=False, seed=seed,
             deterministic=True, verbose=False, val=True,
         )
         kwargs.update(train_kwargs)
+        model.add_callback("on_fit_epoch_end", _epoch_reporter(progress))
         model.train(**kwargs)
         train_seconds = time.perf_counter() - t0
 
@@ -149,6 +175,7 @@ def train_detector(
         "batch": int(batch),
         "device": device,
         "train_seconds": round(train_seconds, 1),
+        "plots": [str(out / name) for name in PLOTS if (out / name).is_file()],
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (best.parent / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
