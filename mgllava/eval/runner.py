@@ -131,6 +131,7 @@ def run_benchmark(plan, include_path: str | Path, model_kwargs: dict, limit: int
     if plan.status != "ready":
         return result
     t0 = time.perf_counter()
+    log.info("benchmark %s: evaluating %s from %s (limit %s)", plan.name, plan.task, plan.data_dir, limit)
     try:
         from lmms_eval import evaluator
         from lmms_eval.tasks import TaskManager, get_task_dict
@@ -155,6 +156,8 @@ def run_benchmark(plan, include_path: str | Path, model_kwargs: dict, limit: int
         result.generate_seconds = lm.stats["generate_s"]
         result.box_origins = dict(lm.box_source.counts)
         result.status, result.reason = "completed", ""
+        log.info("benchmark %s: %d samples in %.1f s: %s", plan.name, result.n, time.perf_counter() - t0,
+                 ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
     except (Exception, BoxesUnavailable) as exc:  # a failing benchmark is a result, not a crash of the run
         exc = _unwrap(exc)
         log.error("benchmark %s failed: %s", plan.name, exc)

@@ -47,6 +47,9 @@ from mgllava.train.schedule import StepPlan, deepspeed_config, micro_batch_order
 
 log = logging.getLogger(__name__)
 
+STEP_LINE = "%s step %d/%d: loss %.4f, lr %.3e, %.2f samples/s"
+"""The log line of each logging step (rank 0), which :mod:`mgllava.train.launch` reads back from a job's output."""
+
 FAULT_ENV = "MGLLAVA_FAULT"
 COMPLETE = "complete"  # the file that marks a checkpoint whose every part was written
 CONTENT_KEY = "content_key.json"  # in the checkpoint directory: the key its checkpoints were made under
@@ -329,8 +332,10 @@ def run_stage(
         result.steps, result.final_loss = step, metrics.loss
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
-        if rank == 0 and on_metrics and (step % stage.log_every == 0 or step == plan.total_steps):
-            on_metrics([metrics])  # a resumed run re-logs the steps after its checkpoint: rows are replaced
+        if rank == 0 and (step % stage.log_every == 0 or step == plan.total_steps):
+            log.info(STEP_LINE, stage_name, step, plan.total_steps, metrics.loss, metrics.lr, metrics.samples_per_s)
+            if on_metrics:
+                on_metrics([metrics])  # a resumed run re-logs the steps after its checkpoint: rows are replaced
         if step % stage.save_every == 0 or step == plan.total_steps:
             state = {"step": step, "skipped": dict(result.skipped), "loss": metrics.loss}
             engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step}", client_state=state)  # ends in a barrier

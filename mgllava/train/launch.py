@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,9 @@ from mgllava.config import Config
 from mgllava.train.job import LOCK_ENV, check_stage_inputs, stage_dir, stage_lock, warehouse_spool
 
 RESULT_PREFIX = "MGLLAVA_STAGE_RESULT "  # the job prints its result on one line behind this
+STEP_PATTERN = re.compile(r"(?P<stage>\w+) step (?P<step>\d+)/(?P<total>\d+): loss (?P<loss>\S+), lr (?P<lr>\S+), "
+                          r"(?P<samples_per_s>\S+) samples/s")
+"""A logging step's line in the job's output (:data:`mgllava.train.engine.STEP_LINE`)."""
 
 
 class JobFailed(RuntimeError):
@@ -112,8 +116,11 @@ def run_stage_job(
     num_gpus: int | None = None,
     hostfile: str | None = None,
     fresh: bool = False,
+    progress: Callable[[float, str], None] | None = None,
 ) -> dict:
-    """Check the stage's inputs, launch it under ``deepspeed``, stream its output; return its result."""
+    """Check the stage's inputs, launch it under ``deepspeed``, stream its output; return its result.
+
+    Each logging step's line (loss, lr, samples/s) also goes to ``progress(fraction of the steps, line)``."""
     from warehouse.training import record_stage_failed
 
     check_stage_inputs(config, stage)
@@ -128,6 +135,9 @@ def run_stage_job(
                 result = json.loads(line.removeprefix(RESULT_PREFIX))
             elif line.strip():
                 on_line(line)
+                step = STEP_PATTERN.search(line)
+                if step and progress:
+                    progress(int(step["step"]) / int(step["total"]), line[step.start():])
 
         try:
             run_job(command, forward, extra_env={LOCK_ENV: str(lock)})
