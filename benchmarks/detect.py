@@ -10,7 +10,7 @@ On the same images and model it measures images/s of
 
 and prints pipeline/forward overhead and pipeline/loop speed-up. Images: ``--images DIR``
 (e.g. a shapes world's ``images/train``), else a shapes world generated into a temporary
-directory (``mgllava.world``).
+directory (``mgllava.shapes.world``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         if args.images:
             folder = Path(args.images)
         else:
-            from mgllava.world import generate_world
+            from mgllava.shapes.world import generate_world
 
             world = generate_world(tmp / "world", n_images=max(10, int(args.n / 0.7) + 2), seed=0, progress=False)
             folder = world / "images" / "train"

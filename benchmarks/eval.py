@@ -42,8 +42,8 @@ def parse_args(argv=None):
 def build_default(tmp: Path, n_images: int) -> tuple[Path, Path]:
     from mgllava.config import load_config
     from mgllava.model import MGLLaVA
-    from mgllava.world import generate_world
-    from mgllava.zoo import build_zoo
+    from mgllava.shapes.world import generate_world
+    from mgllava.shapes.zoo import build_zoo
 
     world = generate_world(tmp / "world", n_images=n_images, seed=0, progress=False)
     tiny = load_config(preset="tiny").model
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
             print(f"building a tiny world ({args.images} images), zoo and untrained export ...", flush=True)
             model_dir, world = build_default(tmp, args.images)
         bench = BENCHMARKS[args.task]
-        plan = TaskPlan(bench.name, bench.task, "ready", data_dir=str(world / "bench" / bench.world_set),
-                        data_source="world")
+        plan = TaskPlan(bench.name, bench.task, "ready", data_dir=str(world / "bench" / bench.name))
         include = write_task_files([plan], tmp / "tasks")
         kwargs = {"pretrained": str(model_dir), "detection_cache": str(tmp / "detections"),
                   "detector": DetectorSettings(model=args.detector, device="cpu")}

@@ -88,8 +88,8 @@ def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
 
 def build_tiny(root: Path) -> MGLLaVA:
     from mgllava.config import load_config
-    from mgllava.world import generate_world
-    from mgllava.zoo import build_zoo
+    from mgllava.shapes.world import generate_world
+    from mgllava.shapes.zoo import build_zoo
 
     generate_world(root / "world", n_images=24, seed=0, progress=False)
     build_zoo(root / "zoo", root / "world", 256, 112, 512)

@@ -37,10 +37,10 @@ def main() -> None:
 
     from mgllava.config import StageConfig, load_config
     from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.shapes.world import generate_world
+    from mgllava.shapes.zoo import build_zoo
     from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
     from mgllava.train.engine import run_stage
-    from mgllava.world import generate_world
-    from mgllava.zoo import build_zoo
 
     work = Path(args.work or tempfile.mkdtemp(prefix="train_step_"))
     world = generate_world(work / "world", n_images=60, seed=0, progress=False)

@@ -74,7 +74,7 @@ from mgllava.model import (  # noqa: E402
     downsample,
     random_full_size_encoders,
 )
-from mgllava.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 GiB = 2**30
 

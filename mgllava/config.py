@@ -105,8 +105,9 @@ class ModelConfig(_Section):
 
 
 class WorldConfig(_Section):
-    """The generated shapes world (the embedded default corpus)."""
+    """The generated shapes world (``mgllava world``)."""
 
+    dir: str = Field("{work_dir}/world", description="where the world is generated")
     n_images: int = Field(400, gt=0)
     seed: int = 0
     conversations_per_image: int = Field(
@@ -115,7 +116,7 @@ class WorldConfig(_Section):
 
 
 class ZooConfig(_Section):
-    """The tiny model zoo built for the embedded default (``mgllava zoo``)."""
+    """The tiny model kit built on the shapes world (``mgllava zoo``)."""
 
     tower_scenes: int = Field(
         1200, ge=0, description="rendered scenes the tiny vision towers are pretrained on (0: random towers)"
@@ -140,19 +141,24 @@ class ZooConfig(_Section):
     def _shares_fit(self) -> ZooConfig:
         if self.llm_option_share + self.llm_lookup_share > 1.0:
             raise ValueError(
-                f"zoo.llm_option_share ({self.llm_option_share}) + zoo.llm_lookup_share ({self.llm_lookup_share}) "
+                f"shapes.zoo.llm_option_share ({self.llm_option_share}) + shapes.zoo.llm_lookup_share ({self.llm_lookup_share}) "
                 "exceed 1: they are shares of the same instruction-tuning rows"
             )
         return self
 
 
+class ShapesConfig(_Section):
+    """The embedded default's demo kit (:mod:`mgllava.shapes`): the synthetic world and the tiny models
+    built on it. Only the tiny preset carries this section; full-size presets leave it out."""
+
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    zoo: ZooConfig = Field(default_factory=ZooConfig)
+
+
 class DataConfig(_Section):
-    world_dir: str | None = Field(
-        "{work_dir}/world", description="generated shapes world; null when using real corpora"
-    )
-    image_root: str = Field("{work_dir}/world/images", description="root that LLaVA 'image' keys are relative to")
-    pretrain_json: str = Field("{work_dir}/world/pretrain.json", description="LLaVA-Pretrain caption JSON")
-    finetune_json: str = Field("{work_dir}/world/instruct.json", description="LLaVA-Instruct JSON")
+    image_root: str = Field(REQUIRED, description="root that LLaVA 'image' keys are relative to")
+    pretrain_json: str = Field(REQUIRED, description="LLaVA-Pretrain caption JSON")
+    finetune_json: str = Field(REQUIRED, description="LLaVA-Instruct JSON")
     boxes_dir: str = Field("{work_dir}/boxes", description="Parquet box tables (detect stage output)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     allow_absolute_image_paths: bool = Field(
@@ -171,7 +177,7 @@ class DataConfig(_Section):
 
 class DetectorTrainConfig(_Section):
     base: str = Field("yolo11n.yaml", description="Ultralytics model YAML or weights to start from")
-    data: str = Field("{work_dir}/world/data.yaml", description="YOLO-format dataset YAML")
+    data: str | None = Field(None, description="YOLO-format dataset YAML to train a detector on")
     epochs: int = Field(15, gt=0)
     imgsz: int = Field(320, gt=0)
     batch: int = Field(16, gt=0)
@@ -291,8 +297,7 @@ def _check_benchmarks(names) -> None:
 class Config(_Section):
     preset: str = Field("custom", description="name of the preset this configuration came from")
     work_dir: str = Field("{home}/runs/{preset}", description="where this configuration's stages write")
-    world: WorldConfig = Field(default_factory=WorldConfig)
-    zoo: ZooConfig = Field(default_factory=ZooConfig)
+    shapes: ShapesConfig | None = Field(None, description="the embedded default's demo kit; absent at full size")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

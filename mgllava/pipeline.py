@@ -52,21 +52,10 @@ def _section(config: Config, *fields: str) -> dict:
 
 
 def prepare_world_and_zoo(config: Config) -> dict:
-    """Generate the shapes world and build the tiny zoo where the config asks for them (idempotent:
-    each is rebuilt only if missing, incomplete or made with other settings). An LLM path that exists
-    but is no zoo of ours (no ``zoo.json`` beside it) is left alone."""
-    from mgllava.world import generate_world
-    from mgllava.zoo import build_zoo
+    """The shapes world and tiny zoo of the embedded default (:func:`mgllava.shapes.prepare`)."""
+    from mgllava.shapes import prepare
 
-    if not config.data.world_dir:
-        return {"world": None, "zoo": None}
-    world = generate_world(config.data.world_dir, n_images=config.world.n_images, seed=config.world.seed,
-                           progress=False, conversations_per_image=config.world.conversations_per_image)
-    zoo = Path(config.model.llm.path).parent
-    if not Path(config.model.llm.path).exists() or (zoo / "zoo.json").exists():  # absent, or ours: (re)build
-        vision = config.model.vision
-        build_zoo(zoo, world, vision.high_res, vision.low_res, config.model.max_length, recipe=config.zoo)
-    return {"world": str(world), "zoo": str(zoo)}
+    return prepare(config)
 
 
 def detector_train_key(config: Config) -> str:
@@ -86,11 +75,15 @@ def train_detector(config: Config) -> dict:
 
 
 def needs_detector_training(config: Config) -> bool:
-    """True when no detector weights exist and the corpus is the shapes world (which has YOLO labels)."""
+    """True when no detector weights exist and ``detector.train.data`` names a YOLO dataset to train one on
+    (the tiny preset: the shapes world's labels)."""
     if Path(config.detector.model).exists():
         return False
-    if not config.data.world_dir:
-        raise ConfigError(f"config field 'detector.model': weights not found: {config.detector.model}")
+    if not config.detector.train.data:
+        raise ConfigError(
+            f"config field 'detector.model': weights not found: {config.detector.model} "
+            "(give weights, or detector.train.data to train a detector)"
+        )
     return True
 
 

@@ -28,7 +28,7 @@ def _private_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small shapes world (30 images), generated once per test session."""
-    from mgllava.world import generate_world
+    from mgllava.shapes.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("tiny") / "world", n_images=30, seed=0, progress=False)
 
@@ -41,7 +41,7 @@ TINY_TOWER_SCENES = 16
 def tiny_zoo(tiny_world):
     """The tiny model zoo built on :func:`tiny_world` at the tiny preset's sizes."""
     from mgllava.config import ZooConfig, load_config
-    from mgllava.zoo import build_zoo
+    from mgllava.shapes.zoo import build_zoo
 
     model = load_config(preset="tiny").model
     return build_zoo(
@@ -58,7 +58,9 @@ def tiny_overrides(world, zoo, work_dir) -> list[str]:
     """``--set`` overrides that point the tiny preset at a test's world, zoo and work directory."""
     return [
         f"work_dir={work_dir}",
-        f"data.world_dir={world}",
+        f"shapes.world.dir={world}",
+        f"detector.train.data={world}/data.yaml",
+        *(f"eval.data_dirs.{name}={world}/bench/{name}" for name in ("pope", "mmbench", "textvqa", "gqa")),
         f"data.image_root={world}/images",
         f"data.pretrain_json={world}/pretrain.json",
         f"data.finetune_json={world}/instruct.json",

@@ -53,9 +53,9 @@ def test_overrides_are_typed_and_nested():
 
 
 def test_yaml_file_round_trip(tmp_path):
-    path = load_config(overrides=["world.seed=3"]).save(tmp_path / "mine.yaml")
+    path = load_config(overrides=["shapes.world.seed=3"]).save(tmp_path / "mine.yaml")
     config = load_config(path=path)
-    assert config.world.seed == 3 and config.preset == "tiny"
+    assert config.shapes.world.seed == 3 and config.preset == "tiny"
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_yaml_file_round_trip(tmp_path):
         ({"overrides": ["model.vision.high_res=700"]}, "multiple of 32"),
         ({"overrides": ["train.finetune.global_batch=10"]}, "not divisible by micro_batch=8"),
         ({"overrides": ["novalue"]}, "expected dotted.key=value"),
-        ({"overrides": ["zoo.llm_option_share=0.7", "zoo.llm_lookup_share=0.4"]}, "exceed 1"),
+        ({"overrides": ["shapes.zoo.llm_option_share=0.7", "shapes.zoo.llm_lookup_share=0.4"]}, "exceed 1"),
         ({"path": "/nonexistent/config.yaml"}, "config file not found: /nonexistent/config.yaml"),
     ],
 )
@@ -93,5 +93,5 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 
 def test_cli_prints_resolved_config(capsys):
-    assert main(["config", "--set", "world.n_images=12"]) == 0
+    assert main(["config", "--set", "shapes.world.n_images=12"]) == 0
     assert "n_images: 12" in capsys.readouterr().out

@@ -19,8 +19,8 @@ from mgllava.model import (
     MGLLaVA,
     pool_object_features,
 )
-from mgllava.world import generate_world
-from mgllava.zoo import build_zoo
+from mgllava.shapes.world import generate_world
+from mgllava.shapes.zoo import build_zoo
 
 HIGH_RES, LOW_RES, MAX_LENGTH = 256, 112, 512
 

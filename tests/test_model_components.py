@@ -19,7 +19,7 @@ from mgllava.model import (
     prepare_boxes,
     prepare_inputs_labels_for_multimodal,
 )
-from mgllava.zoo import CLIP_MEAN, CLIP_STD
+from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD
 
 # --------------------------------------------------------------------------- fusion
 

@@ -19,7 +19,7 @@ from mgllava.model import (
     prepare_boxes,
     random_full_size_encoders,
 )
-from mgllava.zoo import CLIP_MEAN, CLIP_STD
+from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD
 
 
 @pytest.mark.slow

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow  # a real Prefect server, worker and a miniature f
 
 MINIATURE = {
     "overrides": [
-        "world.n_images=24",
-        "zoo.tower_scenes=16",
-        "zoo.tower_epochs=1",
-        "zoo.llm_instruct_steps=2",
+        "shapes.world.n_images=24",
+        "shapes.zoo.tower_scenes=16",
+        "shapes.zoo.tower_epochs=1",
+        "shapes.zoo.llm_instruct_steps=2",
         "detector.train.epochs=1",
         "detector.train.min_map50=0",  # one epoch cannot detect; the quality bar is the demo's
         "detector.conf=0.01",

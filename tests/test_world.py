@@ -1,4 +1,4 @@
-"""Tests of the synthetic shapes world (mgllava.world): determinism, layout, corpora and benchmark schemas."""
+"""Tests of the synthetic shapes world (mgllava.shapes.world): determinism, layout, corpora and benchmark schemas."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import datasets
 import pytest
 import yaml
 
-from mgllava.world import (
+from mgllava.shapes.world import (
     COLORS,
     SHAPES,
     WorldSpec,
@@ -24,10 +24,10 @@ from mgllava.world import (
     read_manifest,
     register_cli,
 )
-from mgllava.world.benchmarks import BENCHMARKS, SPLITS
-from mgllava.world.corpora import build_instruct
-from mgllava.world.generate import VERSION
-from mgllava.world.render import sample_scene
+from mgllava.shapes.world.benchmarks import BENCHMARKS, SPLITS
+from mgllava.shapes.world.corpora import build_instruct
+from mgllava.shapes.world.generate import VERSION
+from mgllava.shapes.world.render import sample_scene
 
 N_IMAGES = 30
 STOCK_TASKS = Path(datasets.__file__).parent.parent / "lmms_eval" / "tasks"
@@ -206,7 +206,7 @@ def test_llava_corpora(world: Path) -> None:
 
 
 def test_choice_question_names_the_answer_and_one_wrong_option() -> None:
-    from mgllava.world.questions import choice
+    from mgllava.shapes.world.questions import choice
 
     ann = {"objects": [{"color": "red", "shape": "circle"}, {"color": "green", "shape": "square"},
                        {"color": "blue", "shape": "square"}]}
@@ -222,7 +222,7 @@ def test_choice_question_names_the_answer_and_one_wrong_option() -> None:
 
 
 def test_four_option_drills_put_the_answer_at_its_letter() -> None:
-    from mgllava.world.questions import MC_OPTIONS_HEADER, four_option_question, letter_lookup
+    from mgllava.shapes.world.questions import MC_OPTIONS_HEADER, four_option_question, letter_lookup
 
     def options(prompt: str) -> dict[str, str]:
         return dict(re.findall(r"^([ABCD])\. (.+)$", prompt, re.MULTILINE))
@@ -374,7 +374,7 @@ def test_idempotent_and_cli(
 ) -> None:
     before = _hashes(world)
     stamp = (world / "world.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="mgllava.world"):
+    with caplog.at_level(logging.INFO, logger="mgllava.shapes.world"):
         assert generate_world(world, N_IMAGES, seed=0, progress=False) == world
     assert "skipping" in caplog.text
     assert (world / "world.json").stat().st_mtime_ns == stamp and _hashes(world) == before

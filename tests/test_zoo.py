@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
 from mgllava.config import ZooConfig
-from mgllava.zoo import LOCAL_DIR_PREFIX, build_clip, build_convnext, build_llm
+from mgllava.shapes.zoo import LOCAL_DIR_PREFIX, build_clip, build_convnext, build_llm
 
 
 def test_llm_and_tokenizer_round_trip(tiny_world, tmp_path):
@@ -32,7 +32,7 @@ def test_answer_loss_of_groups_padded_apart_equals_one_batch_padded_together():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mgllava.model.processing_mgllava import pad_text
-    from mgllava.zoo import answer_loss
+    from mgllava.shapes.zoo import answer_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -81,7 +81,7 @@ def test_convnext_round_trip_through_open_clip_local_dir(tmp_path):
 
 
 def test_build_zoo_is_idempotent(tiny_zoo, caplog):
-    from mgllava.zoo import build_zoo
+    from mgllava.shapes.zoo import build_zoo
 
     settings = json.loads((tiny_zoo / "zoo.json").read_text())
     before = (tiny_zoo / "llm" / "model.safetensors").stat().st_mtime_ns
@@ -93,7 +93,7 @@ def test_build_zoo_is_idempotent(tiny_zoo, caplog):
 
 
 def test_object_crops_centre_each_box_in_its_window():
-    from mgllava.tower_pretraining import CLASSES, object_crops, render_scenes
+    from mgllava.shapes.towers import CLASSES, object_crops, render_scenes
 
     scenes = render_scenes(3, "test/crops", 256, mean=(0.5,) * 3, std=(0.5,) * 3)
     crops, boxes, classes = object_crops(scenes, crop=96, rng=random.Random(0))
@@ -115,8 +115,8 @@ def test_zoo_reports_the_towers_held_out_accuracy(tiny_zoo):
 
 
 def test_text_pretraining_reads_one_conversation_per_image(tmp_path):
-    from mgllava.world import generate_world
-    from mgllava.zoo import _world_conversations
+    from mgllava.shapes.world import generate_world
+    from mgllava.shapes.zoo import _world_conversations
 
     one = generate_world(tmp_path / "one", n_images=8, progress=False)
     three = generate_world(tmp_path / "three", n_images=8, progress=False, conversations_per_image=3)
@@ -138,9 +138,9 @@ def _answering(tokenizer, answer: str, length: int):
 def test_caption_reading_scores_a_perfect_reader_at_one_and_a_yes_sayer_at_chance(tiny_world, tiny_zoo):
     import re
 
-    from mgllava.world import questions as q
-    from mgllava.world.generate import load_annotations
-    from mgllava.zoo import caption_reading
+    from mgllava.shapes.world import questions as q
+    from mgllava.shapes.world.generate import load_annotations
+    from mgllava.shapes.zoo import caption_reading
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "llm")
     scenes = {q.caption(ann): ann for ann in load_annotations(tiny_world, "bench")}
@@ -194,7 +194,7 @@ def test_the_tokenizer_does_not_change_when_a_template_is_added(tiny_world, monk
     from dataclasses import replace
 
     from mgllava import templates
-    from mgllava.zoo import train_tokenizer
+    from mgllava.shapes.zoo import train_tokenizer
 
     before = train_tokenizer(tiny_world).get_vocab()
     added = replace(templates.TEMPLATES["vicuna"], name="added", instruction="<<ADDED>> {input} <<REPLY>>")

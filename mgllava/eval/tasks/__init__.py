@@ -16,8 +16,8 @@ Data, in order of preference:
 
 1. ``config.eval.data_dirs[<benchmark>]``: real benchmark data the user saved locally
    (``DatasetDict.save_to_disk``) in the stock task's schema, with the split named below;
-2. the shapes world's set ``<world_dir>/bench/<name>`` (pope, mmbench, textvqa, gqa);
-3. neither: the benchmark is *skipped*, with that reason.
+   (the tiny preset points it at the shapes world's sets);
+2. none: the benchmark is *skipped*, with that reason.
 
 The GPT-judged benchmarks (MM-Vet, LLaVA-Bench-in-the-wild, MathVista) are skipped unless
 the judge's API key variable (``config.eval.judge_api_key_env``) is set. MMVP is listed
@@ -54,7 +54,6 @@ class Benchmark:
     stock_yaml: str  # relative to lmms_eval/tasks/
     split: str  # the stock task's test_split: the split a local DatasetDict must hold
     judge: bool = False  # needs the GPT judge's API key
-    world_set: str | None = None  # the shapes world's set under <world_dir>/bench/
     extra: dict = field(default_factory=dict)  # further keys of the task file
 
     @property
@@ -65,13 +64,13 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("mmbench", "mmbench/mmbench_en_dev_static.yaml", "dev", world_set="mmbench"),
+        Benchmark("mmbench", "mmbench/mmbench_en_dev_static.yaml", "dev"),
         Benchmark("seedbench", "seedbench/seedbench.yaml", "test"),
         Benchmark("scienceqa_img", "scienceqa/scienceqa_img.yaml", "test"),
         Benchmark("ai2d", "ai2d/ai2d.yaml", "test"),
-        Benchmark("textvqa", "textvqa/textvqa_val.yaml", "validation", world_set="textvqa"),
-        Benchmark("pope", "pope/pope.yaml", "test", world_set="pope"),
-        Benchmark("gqa", "gqa/gqa.yaml", "testdev", world_set="gqa", extra={"process_docs": None}),
+        Benchmark("textvqa", "textvqa/textvqa_val.yaml", "validation"),
+        Benchmark("pope", "pope/pope.yaml", "test"),
+        Benchmark("gqa", "gqa/gqa.yaml", "testdev", extra={"process_docs": None}),
         Benchmark("vqav2", "vqav2/vqav2_val.yaml", "validation"),
         Benchmark("mme", "mme/mme.yaml", "test"),
         Benchmark("mmvet", "mmvet/mmvet.yaml", "test", judge=True),
@@ -98,7 +97,6 @@ class TaskPlan:
     status: Literal["ready", "skipped"]
     reason: str = ""
     data_dir: str | None = None
-    data_source: Literal["config", "world"] | None = None
 
 
 def plan_tasks(config, names: list[str] | None = None) -> list[TaskPlan]:
@@ -116,12 +114,8 @@ def plan_tasks(config, names: list[str] | None = None) -> list[TaskPlan]:
     for name in names:
         bench = BENCHMARKS[name]
         plan = TaskPlan(name, bench.task, "ready")
-        world_dir = Path(config.data.world_dir) / "bench" / bench.world_set if (
-            config.data.world_dir and bench.world_set) else None
         if name in config.eval.data_dirs:
-            plan.data_dir, plan.data_source = str(Path(config.eval.data_dirs[name]).expanduser()), "config"
-        elif world_dir is not None and world_dir.is_dir():
-            plan.data_dir, plan.data_source = str(world_dir), "world"
+            plan.data_dir = str(Path(config.eval.data_dirs[name]).expanduser())
         else:
             plan.status = "skipped"
             plan.reason = (

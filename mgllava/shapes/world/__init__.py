@@ -4,12 +4,18 @@
 small numbers and writes, next to them, YOLO labels for the offline detector,
 LLaVA-format caption and instruction corpora, and benchmark sets in the schemas
 of lmms-eval's POPE, MMBench, TextVQA and GQA tasks. See
-:mod:`mgllava.world.generate` for the directory layout and
-:mod:`mgllava.world.benchmarks` for wiring the sets into lmms-eval tasks.
+:mod:`mgllava.shapes.world.generate` for the directory layout and
+:mod:`mgllava.shapes.world.benchmarks` for wiring the sets into lmms-eval tasks.
 """
 
-from mgllava.world.generate import WorldSpec, generate_world, load_annotations, read_manifest, register_cli
-from mgllava.world.render import COLORS, SHAPES
+from mgllava.shapes.world.generate import (
+    WorldSpec,
+    generate_world,
+    load_annotations,
+    read_manifest,
+    register_cli,
+)
+from mgllava.shapes.world.render import COLORS, SHAPES
 
 __all__ = [
     "COLORS",

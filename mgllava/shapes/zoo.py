@@ -18,7 +18,7 @@ with exactly the calls it uses for the real checkpoints:
   ``open_clip.create_model("local-dir:" + path)``.
 
 Both vision towers are pretrained before they are saved (the stand-in for CLIP's own
-pretraining, :mod:`mgllava.tower_pretraining`): the ConvNeXt names rendered objects, the
+pretraining, :mod:`mgllava.shapes.towers`): the ConvNeXt names rendered objects, the
 CLIP ViT is distilled from it. Sizes follow the ``tiny`` preset: CLIP at ``low_res`` with
 patch 14, ConvNeXt at ``high_res``. Everything is seeded, so the zoo is reproducible.
 """
@@ -47,8 +47,7 @@ def _world_conversations(world_dir: Path, describe_images: bool) -> list[list[tu
     With ``describe_images`` each ``<image>`` placeholder is replaced by the image's caption
     (from ``pretrain.json``): the scene is told in words instead of shown, so that a language
     model pretrained on that text could learn to answer questions about a scene described to
-    it, the reading skill a real LLM brings. The tiny one does not learn it (:func:`caption_reading`
-    measures it at chance; README, "The embedded default").
+    it, the reading skill a real LLM brings (:func:`caption_reading` measures it).
     """
     pretrain = json.loads((world_dir / "pretrain.json").read_text())
     # the first instruction conversation about each image only: the text pretraining does not
@@ -184,7 +183,7 @@ def pretrain_on_text(
     """
     import torch
 
-    from mgllava.tower_pretraining import fit
+    from mgllava.shapes.towers import fit
 
     encode, stream = _encoder(tokenizer), []
     for text in texts:
@@ -219,27 +218,22 @@ def instruction_tune_on_text(
     """Instruction tuning (``steps`` steps) of the tiny LLM on the world's questions told in words.
 
     Every training conversation of ``instruct.json`` with its image replaced by the caption, the
-    loss on the assistant's answers only, as the finetune puts it. Language-model loss on every
-    token, as in :func:`pretrain_on_text`, does not teach the tiny LLM to answer from a caption
-    (:func:`caption_reading` stays at chance); this does (README, "The embedded default"). It is
-    the stand-in for the instruction tuning a chat LLM such as Vicuna has had.
+    loss on the assistant's answers only, as the finetune puts it: the stand-in for the
+    instruction tuning a chat LLM such as Vicuna has had.
 
-    The conversations alone do not teach it to answer four-option questions: it must bind the
-    answer it reads to that option's letter, a skill language models are known to pick up only at scale.
-    So ``option_share`` of the rows are four-option questions about a training scene told in
-    words (:func:`~mgllava.world.questions.four_option_question`) and ``lookup_share`` bare
-    letter lookups (:func:`~mgllava.world.questions.letter_lookup`), fresh ones each step; with
-    the lookups in the mix the binding is learnt (docs/findings.md). Returns each
-    step's loss.
+    ``option_share`` of the rows are four-option questions about a training scene told in words
+    (:func:`~mgllava.shapes.world.questions.four_option_question`) and ``lookup_share`` bare letter
+    lookups (:func:`~mgllava.shapes.world.questions.letter_lookup`), fresh ones each step, so that
+    the LLM binds an answer to its option's letter (why: docs/findings.md). Returns each step's loss.
     """
     import random
     from collections import Counter
 
     from mgllava.model.splice import IGNORE_INDEX
+    from mgllava.shapes.towers import fit
+    from mgllava.shapes.world import questions as q
+    from mgllava.shapes.world.generate import load_annotations
     from mgllava.templates import get_template
-    from mgllava.tower_pretraining import fit
-    from mgllava.world import questions as q
-    from mgllava.world.generate import load_annotations
 
     chat, captions, encode = get_template(template), _captions(world_dir), _encoder(tokenizer)
 
@@ -296,7 +290,7 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
 def _told(ann: dict, question: str) -> str:
     """A question about a scene told in words: the scene's caption, then the question, as
     :func:`_described` puts an instruction conversation's first turn."""
-    from mgllava.world import questions as q
+    from mgllava.shapes.world import questions as q
 
     return f"{q.caption(ann)}\n{question}"
 
@@ -322,9 +316,9 @@ def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v
 
     import torch
 
+    from mgllava.shapes.world import questions as q
+    from mgllava.shapes.world.generate import load_annotations
     from mgllava.templates import get_template
-    from mgllava.world import questions as q
-    from mgllava.world.generate import load_annotations
 
     annotations = load_annotations(world_dir, "bench")
     rng = random.Random(seed)
@@ -446,13 +440,13 @@ def build_zoo(
 
     ``recipe`` (the configuration's ``zoo`` section; its defaults if None) sets how they are
     trained: the vision towers pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
-    epochs (:mod:`mgllava.tower_pretraining`; 0 by default leaves them random), the LLM's depth
+    epochs (:mod:`mgllava.shapes.towers`; 0 by default leaves them random), the LLM's depth
     and its instruction tuning on text (:func:`build_llm`; none by default). ``zoo.json`` records
     the settings and what was measured.
     """
     import torch
 
-    from mgllava.tower_pretraining import pretrain_towers
+    from mgllava.shapes.towers import pretrain_towers
 
     out_dir, world_dir = Path(out_dir), Path(world_dir)
     marker = out_dir / "zoo.json"
@@ -491,7 +485,7 @@ def register_cli(subparsers) -> None:
     )
     add_config_args(parser)
     parser.add_argument("--out", help="output directory (default: the zoo under the config's work_dir)")
-    parser.add_argument("--world", help="shapes world directory (default: the config's data.world_dir)")
+    parser.add_argument("--world", help="shapes world directory (default: the config's shapes.world.dir)")
     parser.set_defaults(func=_run)
 
 
@@ -500,11 +494,11 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else Path(config.model.llm.path).parent
-    world = args.world or config.data.world_dir
-    if not world:
-        raise SystemExit("mgllava zoo: no shapes world: pass --world DIR")
+    if config.shapes is None:
+        raise SystemExit(f"mgllava zoo: configuration '{config.preset}' has no shapes section (the demo kit's settings)")
+    world = args.world or config.shapes.world.dir
     vision = config.model.vision
     build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
-              recipe=config.zoo)
+              recipe=config.shapes.zoo)
     print(f"zoo: {out} (llm/, clip/, convnext/)")
     return 0

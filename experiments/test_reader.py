@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from mgllava.reader import ReaderProbe, ideal_features, probe_reader, sample_items
-from mgllava.world.render import COLORS, SHAPES
+from experiments.reader import ReaderProbe, ideal_features, probe_reader, sample_items
+from mgllava.shapes.world.render import COLORS, SHAPES
 
 
 def test_items_are_balanced_existence_questions_about_their_objects():
@@ -71,10 +71,10 @@ def test_choice_share_mixes_in_choose_questions_answered_from_the_objects():
 
 
 def test_cli_names_a_missing_llm_directory(tmp_path):
-    from mgllava.cli import main
+    from experiments.reader import main
 
     with pytest.raises(SystemExit, match="no LLM directory at .*nowhere"):
-        main(["probe-reader", "--llm", str(tmp_path / "nowhere"), "--steps", "1"])
+        main(["--llm", str(tmp_path / "nowhere"), "--steps", "1"])
 
 
 def test_the_same_seed_gives_the_same_run(tiny_zoo):

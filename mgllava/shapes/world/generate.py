@@ -15,7 +15,7 @@ Layout of a world directory ``OUT`` (a contract other modules rely on)::
       pretrain.json       LLaVA-Pretrain captions of the train images
       instruct.json       LLaVA-Instruct multi-turn questions about the train images
       bench/{pope,mmbench,textvqa,gqa,gqa_images}/
-                          lmms-eval datasets from the bench images (see mgllava.world.benchmarks)
+                          lmms-eval datasets from the bench images (see mgllava.shapes.world.benchmarks)
 
 The val images are for the detector's mAP and appear in no corpus; the bench
 images appear only in the benchmark sets. Everything is a function of
@@ -37,8 +37,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from mgllava.world.corpora import build_instruct, build_pretrain
-from mgllava.world.render import COLORS, SHAPES, Scene, draw_scene, sample_scene
+from mgllava.shapes.world.corpora import build_instruct, build_pretrain
+from mgllava.shapes.world.render import COLORS, SHAPES, Scene, draw_scene, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def generate_world(
     otherwise whatever an earlier run left there (the paths of the layout only) is replaced.
     """
     # imported here: datasets is slow to import and only this step needs it
-    from mgllava.world.benchmarks import build_benchmarks
+    from mgllava.shapes.world.benchmarks import build_benchmarks
 
     spec = WorldSpec(n_images, seed, conversations_per_image)
     out = Path(out_dir).resolve()

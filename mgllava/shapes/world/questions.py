@@ -1,7 +1,7 @@
 """Questions, answers and captions about one annotated image of the shapes world.
 
 Every function here reads an annotation record (one line of
-``annotations.jsonl``, see :mod:`mgllava.world.generate`) and, where it makes
+``annotations.jsonl``, see :mod:`mgllava.shapes.world.generate`) and, where it makes
 a choice, a :class:`random.Random`; so corpora and benchmarks built from them
 are deterministic. A generator returns ``None`` when its kind of question has
 no unambiguous answer for that image (e.g. "What color is the circle?" when
@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from mgllava.world.render import COLORS, SHAPES
+from mgllava.shapes.world.render import COLORS, SHAPES
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """The post-prompt of lmms-eval's POPE, GQA and TextVQA tasks."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from mgllava.world import questions as q
+from mgllava.shapes.world import questions as q
 
 CAPTION_REQUESTS: tuple[str, ...] = (
     "Describe the image concisely.",
@@ -63,10 +63,8 @@ def _instruction_pairs(rng: random.Random, ann: dict) -> list[tuple[str, str]]:
     two about ones that are not, the POPE kinds), two "choose" questions, the number if there
     is one (most of the time), then other kinds; about one in five as multiple choice.
 
-    The choose questions ("Is the circle red or blue?") carry the lesson the existence questions
-    need but do not teach a small LLM on their own: the answer is a word of the question, so
-    the answer position learns to look back at the question and then up among the objects
-    (``mgllava probe-reader --choice-share``; docs/findings.md, "Why the LLM did not read")."""
+    In the choose questions ("Is the circle red or blue?") the answer is a word of the question
+    (why they are in the mix: docs/findings.md)."""
     qas = [
         q.existence(rng, ann, present=present, strategy=rng.choice(q.POPE_STRATEGIES))
         for present in (True, True, False, False)

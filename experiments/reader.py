@@ -4,7 +4,7 @@ MG-LLaVA answers "Is there a red circle in the image?" from one token per object
 That needs two things: vision features that tell the objects apart (the tiny towers'
 held-out figures are in ``zoo.json``), and an LLM that can look the (colour, shape) pair up
 among the object tokens and answer yes or no. A pretrained LLM brings that in-context
-skill. ``mgllava probe-reader`` measures whether an LLM can learn it, with no pixels involved.
+skill. This probe (``python experiments/reader.py``) measures whether an LLM can learn it, with no pixels involved.
 
 Each object token is an *ideal* feature: one-hot colour and one-hot shape, from the world's
 annotations. A trainable two-layer MLP maps it to the LLM width, and the model's own splice
@@ -44,10 +44,10 @@ class ProbeItem:
 def sample_items(rng: random.Random, n: int, choice_share: float = 0.0) -> list[ProbeItem]:
     """``n`` questions about fresh scenes: existence questions, half "yes", negatives after all
     three POPE strategies; about ``choice_share`` of them are "choose" questions instead ("Is the
-    circle red or blue?", :func:`mgllava.world.questions.choice`)."""
-    from mgllava.world import questions as q
-    from mgllava.world.generate import _annotation
-    from mgllava.world.render import COLORS, SHAPES, sample_scene
+    circle red or blue?", :func:`mgllava.shapes.world.questions.choice`)."""
+    from mgllava.shapes.world import questions as q
+    from mgllava.shapes.world.generate import _annotation
+    from mgllava.shapes.world.render import COLORS, SHAPES, sample_scene
 
     items = []
     for index in range(n):
@@ -64,7 +64,7 @@ def ideal_features(objects: list[tuple[int, int]]):
     """(K, n_colours + n_shapes): one-hot colour, then one-hot shape, per object."""
     import torch
 
-    from mgllava.world.render import COLORS, SHAPES
+    from mgllava.shapes.world.render import COLORS, SHAPES
 
     features = torch.zeros(len(objects), len(COLORS) + len(SHAPES))
     for row, (colour, shape) in enumerate(objects):
@@ -79,7 +79,7 @@ class ReaderProbe:
     def __init__(self, llm, tokenizer, template: str, device: str = "cpu"):
         from mgllava.model.processing_mgllava import MGLLaVAProcessor
         from mgllava.model.projector import MLPProjector
-        from mgllava.world.render import COLORS, SHAPES
+        from mgllava.shapes.world.render import COLORS, SHAPES
 
         self.device = device
         self.llm = llm.to(device)
@@ -193,7 +193,7 @@ def train_reader(
     import torch
     from tqdm import tqdm
 
-    from mgllava.tower_pretraining import fit
+    from mgllava.shapes.towers import fit
 
     if -1 in reader.answer_ids.values() or len(set(reader.answer_ids.values())) < 2:
         raise ValueError("'yes' and 'no' do not start with different tokens in this LLM's chat template")
@@ -236,12 +236,11 @@ def probe_reader(
     return train_reader(ReaderProbe.from_pretrained(llm_path, template, device), seed=seed, **train_args)
 
 
-def register_cli(subparsers) -> None:
+def build_parser() -> argparse.ArgumentParser:
     from mgllava.cli import add_config_args
 
-    parser = subparsers.add_parser(
-        "probe-reader",
-        help="can the LLM learn to answer existence questions from ideal object tokens?",
+    parser = argparse.ArgumentParser(
+        prog="python experiments/reader.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -259,20 +258,21 @@ def register_cli(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_run)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
     import json
 
     from mgllava.cli import config_from_args
 
+    args = build_parser().parse_args(argv)
     config = config_from_args(args)
     llm = Path(args.llm or config.model.llm.path)
     if not llm.is_dir():
         raise SystemExit(
-            f"mgllava probe-reader: no LLM directory at {llm}: run `mgllava zoo` or pass --llm DIR"
+            f"reader probe: no LLM directory at {llm}: run `mgllava zoo` or pass --llm DIR"
         )
     history = probe_reader(
         llm,
@@ -283,8 +283,12 @@ def _run(args: argparse.Namespace) -> int:
         choice_share=args.choice_share,
         seed=args.seed,
         device=args.device,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     for point in history:
         print(json.dumps(point))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

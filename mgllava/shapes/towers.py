@@ -1,10 +1,8 @@
 """Pretraining of the tiny zoo's vision towers: the stand-in for CLIP's own pretraining.
 
-The real recipe starts from CLIP encoders that already tell colours and shapes apart.
-Random-weight tiny towers hardly do: a linear probe of a random ConvNeXt's box features
-names an object's colour 86% of the time but its shape only 57% (chance 25%), and with
-such features the tiny MG-LLaVA memorises its training images instead of learning to
-look. So ``mgllava zoo`` first trains the two towers on shapes scenes rendered here,
+The real recipe starts from CLIP encoders that already tell colours and shapes apart;
+random-weight tiny towers do not (docs/findings.md). So ``mgllava zoo`` first trains the
+two towers on shapes scenes rendered here,
 from a seed namespace of their own (``zoo/<i>``), never the world's images or benchmarks:
 
 - ConvNeXt (the high-res tower): each object is cut out in a ``crop x crop`` window at
@@ -14,9 +12,7 @@ from a seed namespace of their own (``zoo/<i>``), never the world's images or be
 - CLIP ViT (the low-res tower), afterwards: distilled from that ConvNeXt. At ``low_res``,
   every patch token of the layer the model reads (``select_layer``), through a linear head,
   regresses the ConvNeXt's standardised last-stage features at its place on the grid (mean
-  squared error). A random ViT's tokens over these mostly-background images are nearly all
-  alike (cosine 0.9999 between any two), so without this the image tokens carry next to
-  nothing.
+  squared error), so that its tokens tell the objects apart.
 
 The heads are dropped afterwards. :func:`pretrain_towers` returns held-out accuracies
 (measured on other rendered scenes), which the zoo writes to ``zoo.json``.
@@ -35,7 +31,7 @@ from torch import nn
 from mgllava.model.boxes import square_padding
 from mgllava.model.object_features import pool_object_features
 from mgllava.model.vision import downsample, image_to_pixel_values
-from mgllava.world.render import COLORS, SHAPES, draw_scene, sample_scene
+from mgllava.shapes.world.render import COLORS, SHAPES, draw_scene, sample_scene
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ set           split (test_split)   columns
 ============  ===================  ====================================================================
 ``pope``      ``test``             id, question_id, question, answer (yes/no), image_source, image,
                                    category (random/popular/adversarial, see
-                                   :data:`~mgllava.world.questions.POPE_STRATEGIES`)
+                                   :data:`~mgllava.shapes.world.questions.POPE_STRATEGIES`)
 ``mmbench``   ``dev``              index, question, hint, A, B, C, D, answer (letter), category,
                                    L2-category, image, source, split, comment  (task mmbench_en_dev)
 ``textvqa``   ``validation``       question_id, question, image_id, image, image_width, image_height,
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import datasets
 
-from mgllava.world import questions as q
+from mgllava.shapes.world import questions as q
 
 BENCHMARKS: tuple[str, ...] = ("pope", "mmbench", "textvqa", "gqa")
 """The benchmark sets, each saved under ``OUT/bench/<name>``."""
