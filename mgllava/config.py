@@ -74,9 +74,22 @@ class VisionConfig(_Section):
         return self
 
 
+GRANULARITIES: tuple[str, ...] = ("low", "high", "objects")
+"""The image granularities of MG-LLaVA (SPEC section 1): low-res CLIP tokens, high-res ConvNeXt features
+fused into them by the Conv-Gate, object tokens pooled from the ConvNeXt maps by box."""
+
+Granularity = Literal["low", "high", "objects"]
+
+
 class ModelConfig(_Section):
     llm: LLMConfig
     vision: VisionConfig
+    granularities: list[Granularity] = Field(
+        default_factory=lambda: list(GRANULARITIES),
+        description="the image granularities the model reads: [low] is LLaVA-1.5 (no fusion, no object "
+        "tokens); [low, high] adds the Conv-Gate fusion; [low, objects] adds the object tokens; "
+        "[low, high, objects] is MG-LLaVA (the paper's ablation variants; mgllava ablate)",
+    )
     object_features: Literal["direct", "lean"] = Field(
         "direct",
         description="direct: RoIAlign on the 4 stage maps upsampled to the stage-1 grid and concatenated "
@@ -99,6 +112,15 @@ class ModelConfig(_Section):
         description="RoIAlign's aligned flag: false (the reference) treats a box as at least one feature cell; "
         "true maps box edges to feature coordinates pixel-exactly",
     )
+
+    @field_validator("granularities")
+    @classmethod
+    def _granularities(cls, value: list[str]) -> list[str]:
+        if "low" not in value:
+            raise ValueError(f"{value} lacks 'low': every variant reads the low-resolution CLIP tokens")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} names a granularity twice")
+        return [g for g in GRANULARITIES if g in value]  # one spelling per variant: canonical order
 
 
 # --------------------------------------------------------------------------- data

@@ -40,6 +40,13 @@ images set is saved as well, under ``OUT/bench/gqa_images`` (split
 ``testdev``, columns ``id`` and ``image``), for a task that wants to join them
 itself.
 
+Every set has two more columns, the question's slice, which the stock tasks ignore and the
+evaluation records with each prediction (``predictions.object_size``, ``predictions.small_text``):
+``object_size``, the size class (small, medium, large) of the object asked about (the smallest
+of them when the answer needs several; null when the question is about no shape in the image),
+and ``small_text``, whether it asks about the small rendered number. MG-LLaVA's claim is that
+high-resolution and object-level features help most on those fine-grained questions.
+
 The image-id columns (POPE ``image_source``, TextVQA ``image_id``, GQA
 ``imageId`` and the images set's ``id``) hold the image's key in the world,
 e.g. ``bench/000003.png``, to join with ``annotations.jsonl`` or detections.
@@ -65,6 +72,9 @@ SPLITS: dict[str, str] = {"pope": "test", "mmbench": "dev", "textvqa": "validati
 
 _S = datasets.Value("string")
 _I = datasets.Value("int64")
+SLICE_FEATURES = {"object_size": _S, "small_text": datasets.Value("bool")}
+"""The slice columns every set carries (see the module docstring)."""
+
 FEATURES: dict[str, datasets.Features] = {
     "pope": datasets.Features(
         {
@@ -75,6 +85,7 @@ FEATURES: dict[str, datasets.Features] = {
             "image_source": _S,
             "image": datasets.Image(),
             "category": _S,
+            **SLICE_FEATURES,
         }
     ),
     "mmbench": datasets.Features(
@@ -90,6 +101,7 @@ FEATURES: dict[str, datasets.Features] = {
             "source": _S,
             "split": _S,
             "comment": _S,
+            **SLICE_FEATURES,
         }
     ),
     "textvqa": datasets.Features(
@@ -103,6 +115,7 @@ FEATURES: dict[str, datasets.Features] = {
             "answers": datasets.Sequence(_S),
             "ocr_tokens": datasets.Sequence(_S),
             "set_name": _S,
+            **SLICE_FEATURES,
         }
     ),
     "gqa": datasets.Features(
@@ -114,6 +127,7 @@ FEATURES: dict[str, datasets.Features] = {
             "fullAnswer": _S,
             "isBalanced": datasets.Value("bool"),
             "image": datasets.Image(),
+            **SLICE_FEATURES,
         }
     ),
 }
@@ -138,6 +152,10 @@ def _image(ann: dict, image_bytes: ImageBytes) -> dict:
     return {"bytes": image_bytes(ann["image"]), "path": None}
 
 
+def _slice(qa: q.QA) -> dict:
+    return {"object_size": qa.size, "small_text": qa.small_text}
+
+
 def _pope_rows(annotations: list[dict], seed: int, image_bytes: ImageBytes) -> Iterable[dict]:
     """Two questions per image, one yes and one no (so exactly balanced), the negative drawn with the
     POPE strategy that the images take in turn."""
@@ -156,6 +174,7 @@ def _pope_rows(annotations: list[dict], seed: int, image_bytes: ImageBytes) -> I
                 "image_source": ann["image"],
                 "image": _image(ann, image_bytes),
                 "category": strategy,
+                **_slice(qa),
             }
 
 
@@ -185,6 +204,7 @@ def _mmbench_rows(annotations: list[dict], seed: int, image_bytes: ImageBytes) -
                 "source": "shapes_world",
                 "split": "dev",
                 "comment": None,
+                **_slice(qa),
             }
             index += 1
 
@@ -210,6 +230,7 @@ def _textvqa_rows(annotations: list[dict], seed: int, image_bytes: ImageBytes) -
                 "answers": [qa.answer] * 10,
                 "ocr_tokens": [ann["text"]],
                 "set_name": "val",
+                **_slice(qa),
             }
             question_id += 1
 
@@ -232,6 +253,7 @@ def _gqa_rows(annotations: list[dict], seed: int, image_bytes: ImageBytes) -> It
                 "fullAnswer": qa.full,
                 "isBalanced": True,
                 "image": _image(ann, image_bytes),
+                **_slice(qa),
             }
             n += 1
 

@@ -42,7 +42,7 @@ from mgllava.shapes.world.render import COLORS, SHAPES, Scene, draw_scene, sampl
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 """Bumped whenever the generated content changes, so that old worlds get regenerated."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "bench")
@@ -226,13 +226,26 @@ def summary(manifest: dict) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    out = generate_world(args.out, n_images=args.images, seed=args.seed, progress=not args.quiet,
-                         conversations_per_image=args.conversations_per_image)
+    from mgllava.cli import UsageError, config_from_args
+
+    config = config_from_args(args)
+    if config.shapes is None:
+        raise UsageError("--preset", f"configuration '{config.preset}' has no shapes section (the demo kit's settings)")
+    spec = config.shapes.world
+    out = generate_world(
+        args.out or spec.dir,
+        n_images=args.images or spec.n_images,
+        seed=spec.seed if args.seed is None else args.seed,
+        progress=not args.quiet,
+        conversations_per_image=args.conversations_per_image or spec.conversations_per_image,
+    )
     print(f"shapes world at {out}: {summary(read_manifest(out) or {})}")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``world`` subcommand: ``mgllava world --out DIR --images N --seed S``."""
+    """Add the ``world`` subcommand: ``mgllava world [--preset P] [--out DIR] [--images N] [--seed S]``."""
+    from mgllava.cli import add_config_args, positive_int
+
     parser = subparsers.add_parser(
         "world",
         help="generate the synthetic shapes world (images, YOLO labels, LLaVA corpora, benchmark sets)",
@@ -240,21 +253,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
             "Render a deterministic synthetic world of coloured shapes and small numbers, with YOLO "
             "labels and an Ultralytics data.yaml for the detector, LLaVA-Pretrain/-Instruct JSON for "
             "training, and POPE/MMBench/TextVQA/GQA sets in the schemas of the stock lmms-eval tasks. "
-            "Images are split 70/10/20 % into train, val (detector mAP only) and bench. Running "
-            "again with the same --images, --seed and --conversations-per-image into a complete world "
-            "does nothing."
+            "Images are split 70/10/20 % into train, val (detector mAP only) and bench. Defaults come "
+            "from the configuration (shapes.world.*). Running again with the same images, seed and "
+            "conversations per image into a complete world does nothing."
         ),
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument(
-        "--images", type=int, default=400, help="total number of images (default: 400, minimum 6)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    add_config_args(parser)
+    parser.add_argument("--out", type=Path, help="output directory, created if missing (default: shapes.world.dir)")
+    parser.add_argument("--images", type=positive_int, help="total number of images, at least 6 "
+                        "(default: shapes.world.n_images)")
+    parser.add_argument("--seed", type=int, help="random seed; same seed, same bytes (default: shapes.world.seed)")
     parser.add_argument(
         "--conversations-per-image",
-        type=int,
-        default=1,
-        help="instruction conversations about each train image, each with its own questions (default: 1)",
+        type=positive_int,
+        help="instruction conversations about each train image, each with its own questions "
+        "(default: shapes.world.conversations_per_image)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_cli)

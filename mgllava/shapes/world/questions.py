@@ -36,17 +36,34 @@ there; ``adversarial``: a colour and a shape that are both in the image, but nev
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+SIZE_ORDER: tuple[str, ...] = ("small", "medium", "large")
+"""The size classes of :data:`~mgllava.shapes.world.render.SIZE_RANGES`, smallest first."""
+
+
 @dataclass(frozen=True)
 class QA:
     """One question with its short answer; ``kind`` names the generator, ``choices`` the
     candidate answers of a multiple-choice version (the correct one included), if it has one,
-    and ``full`` the answer as a sentence (GQA's ``fullAnswer``)."""
+    ``full`` the answer as a sentence (GQA's ``fullAnswer``), and ``size`` the size class of the
+    object asked about (:func:`smallest` of them when the answer needs several; None when it is
+    about no shape in the image: an absent one, or the number)."""
 
     question: str
     answer: str
     kind: str
     choices: tuple[str, ...] | None = None
     full: str | None = None
+    size: str | None = None
+
+    @property
+    def small_text(self) -> bool:
+        """Whether answering means reading the small rendered number."""
+        return self.kind == "text"
+
+
+def smallest(objects: list[dict]) -> str | None:
+    """The smallest size class among ``objects`` (None for none, or none with a size)."""
+    return min((o["size"] for o in objects if o.get("size")), key=SIZE_ORDER.index, default=None)
 
 
 def _a(word: str) -> str:
@@ -122,8 +139,10 @@ def existence(rng: random.Random, ann: dict, present: bool, strategy: str = "ran
     else:
         color, shape = absent_pair(rng, ann, strategy)
     full = f"Yes, there is {_a(color)} {shape}." if present else f"No, there is no {color} {shape}."
+    asked = [o for o in ann["objects"] if (o["color"], o["shape"]) == (color, shape)]
     return QA(
-        f"Is there {_a(color)} {shape} in the image?", "yes" if present else "no", "existence", full=full
+        f"Is there {_a(color)} {shape} in the image?", "yes" if present else "no", "existence", full=full,
+        size=smallest(asked),
     )
 
 
@@ -135,7 +154,7 @@ def color_of(rng: random.Random, ann: dict) -> QA | None:
         return None
     obj = rng.choice(unique)
     full = f"The {obj['shape']} is {obj['color']}."
-    return QA(f"What color is the {obj['shape']}?", obj["color"], "color", COLORS, full)
+    return QA(f"What color is the {obj['shape']}?", obj["color"], "color", COLORS, full, obj["size"])
 
 
 def shape_of(rng: random.Random, ann: dict) -> QA | None:
@@ -146,7 +165,7 @@ def shape_of(rng: random.Random, ann: dict) -> QA | None:
         return None
     obj = rng.choice(unique)
     full = f"The {obj['color']} object is {_a(obj['shape'])}."
-    return QA(f"What shape is the {obj['color']} object?", obj["shape"], "shape", SHAPES, full)
+    return QA(f"What shape is the {obj['color']} object?", obj["shape"], "shape", SHAPES, full, obj["size"])
 
 
 def choice(rng: random.Random, ann: dict) -> QA | None:
@@ -160,15 +179,16 @@ def choice(rng: random.Random, ann: dict) -> QA | None:
     options = [obj["color"], rng.choice([c for c in COLORS if c != obj["color"]])]
     rng.shuffle(options)
     question = f"Is the {obj['shape']} {options[0]} or {options[1]}?"
-    return QA(question, obj["color"], "choice", full=f"The {obj['shape']} is {obj['color']}.")
+    return QA(question, obj["color"], "choice", full=f"The {obj['shape']} is {obj['color']}.", size=obj.get("size"))
 
 
 def count(rng: random.Random, ann: dict) -> QA:
     """ "How many circles are there in the image?" (mostly about a shape that is there)."""
     present = sorted({o["shape"] for o in ann["objects"]})
     shape = rng.choice(present) if rng.random() < 0.85 else rng.choice(SHAPES)
-    n = sum(o["shape"] == shape for o in ann["objects"])
-    return QA(f"How many {shape}s are there in the image?", str(n), "count", tuple(str(k) for k in range(7)))
+    counted = [o for o in ann["objects"] if o["shape"] == shape]
+    return QA(f"How many {shape}s are there in the image?", str(len(counted)), "count",
+              tuple(str(k) for k in range(7)), size=smallest(counted))
 
 
 def relation(rng: random.Random, ann: dict) -> QA | None:
@@ -186,14 +206,15 @@ def relation(rng: random.Random, ann: dict) -> QA | None:
             if abs(dx) >= max(12.0, 2 * abs(dy)):
                 side = "left" if dx < 0 else "right"
                 question = f"Is the {ra} to the left or to the right of the {rb}?"
-                pairs.append((question, side, f"The {ra} is to the {side} of the {rb}."))
+                pairs.append((question, side, f"The {ra} is to the {side} of the {rb}.", smallest([a, b])))
             elif abs(dy) >= max(12.0, 2 * abs(dx)):
                 side = "above" if dy < 0 else "below"
-                pairs.append((f"Is the {ra} above or below the {rb}?", side, f"The {ra} is {side} the {rb}."))
+                pairs.append((f"Is the {ra} above or below the {rb}?", side, f"The {ra} is {side} the {rb}.",
+                              smallest([a, b])))
     if not pairs:
         return None
-    question, answer, full = rng.choice(pairs)
-    return QA(question, answer, "relation", full=full)
+    question, answer, full, size = rng.choice(pairs)
+    return QA(question, answer, "relation", full=full, size=size)
 
 
 def leftmost(rng: random.Random, ann: dict) -> QA | None:
@@ -208,7 +229,7 @@ def leftmost(rng: random.Random, ann: dict) -> QA | None:
     fillers = [f"{c} {s}" for s in SHAPES for c in COLORS if f"{c} {s}" not in others and f"{c} {s}" != name]
     distractors = rng.sample(others, min(3, len(others)))
     distractors += rng.sample(fillers, 3 - len(distractors))
-    return QA("Which object is furthest to the left?", name, "leftmost", (name, *distractors))
+    return QA("Which object is furthest to the left?", name, "leftmost", (name, *distractors), size=ordered[0]["size"])
 
 
 def read_text(rng: random.Random, ann: dict) -> QA | None:
