@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def register_cli(subparsers) -> None:
-    from mgllava.cli import add_config_args
+    from mgllava.cli import add_config_args, comma_list, existing_path
 
     p = subparsers.add_parser(
         "detect",
@@ -23,7 +23,7 @@ def register_cli(subparsers) -> None:
         "interrupted run redoes only unfinished shards; a finished run with the same inputs and detector "
         "is skipped. Defaults come from the configuration (data.*, detector.*).",
     )
-    p.add_argument("--source", action="append", metavar="PATH",
+    p.add_argument("--source", action="append", metavar="PATH", type=existing_path,
                    help="LLaVA .json/.jsonl, image folder, or benchmark dir (repeatable; default: the config's "
                    "data.pretrain_json and data.finetune_json, plus the image folder <data.image_root>/bench "
                    "when it exists: the shapes world's benchmark images)")
@@ -33,9 +33,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--model", metavar="WEIGHTS_OR_YAML",
                    help="Ultralytics weights (.pt) or model YAML (random weights) (default: detector.model)")
     p.add_argument("--out", metavar="DIR", help="box table directory (default: data.boxes_dir)")
-    p.add_argument("--classes", metavar="NAME", nargs="+",
-                   help="class names: prompts for YOLO-World/YOLOE, a filter for closed-set models")
-    p.add_argument("--class-embeddings", metavar="FILE",
+    p.add_argument("--classes", metavar="A,B", type=comma_list(),
+                   help="comma-separated class names: prompts for YOLO-World/YOLOE, a filter for closed-set models")
+    p.add_argument("--class-embeddings", metavar="FILE", type=existing_path,
                    help="precomputed prompt embeddings (.npz from YOLOE.save_prompt_embeddings, or .pt/.npy "
                    "of shape (n_classes, dim))")
     p.add_argument("--conf", type=float, help="score threshold (default: detector.conf)")
@@ -44,16 +44,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--batch", type=int, help="images per forward pass (default: detector.batch)")
     p.add_argument("--device", help="auto, cpu or a CUDA device such as 0 (default: detector.device)")
     p.add_argument("--shard-size", type=int, help="images per Parquet shard (default: detector.shard_size)")
-    p.add_argument("--overwrite", action="store_true", help="replace a box table of another run in --out")
+    p.add_argument("--fresh", action="store_true", help="replace a box table of another run in --out")
     p.add_argument("--dask-address", metavar="ADDR",
-                   help="run the Prefect flow 'detect' with its shards on this Dask scheduler (tcp://host:port)")
+                   help="run the shards on this Dask scheduler (tcp://host:port) through the Prefect flow 'detect'")
     p.add_argument("--warehouse", metavar="FILE",
                    help="DuckDB warehouse to record the run in and point the boxes views at "
                    "(default: $MGLLAVA_HOME/warehouse.duckdb)")
     p.add_argument("--no-warehouse", action="store_true", help="do not touch the DuckDB warehouse")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
-    p.set_defaults(func=_run_detect)
+    p.set_defaults(func=_run_detect, on_dask=None)  # on_dask: the top floor's runner (mgllava.cli)
     _register_import(p.add_subparsers(dest="detect_command", metavar="import", required=False))
 
     t = subparsers.add_parser(
@@ -64,7 +64,8 @@ def register_cli(subparsers) -> None:
         "record it in <out>/weights/metrics.json. Exits 3 if mAP50 is below min_map50. Defaults come "
         "from the configuration (detector.train.*).",
     )
-    t.add_argument("--data", metavar="DATA_YAML", help="Ultralytics dataset YAML (default: detector.train.data)")
+    t.add_argument("--data", metavar="DATA_YAML", type=existing_path,
+                   help="Ultralytics dataset YAML (default: detector.train.data)")
     t.add_argument("--base", metavar="YAML_OR_PT", help="model YAML or weights to start from (default: "
                    "detector.train.base)")
     t.add_argument("--epochs", type=int, help="default: detector.train.epochs")
@@ -79,7 +80,7 @@ def register_cli(subparsers) -> None:
 
 
 def _register_import(subparsers) -> None:
-    from mgllava.cli import add_config_args
+    from mgllava.cli import add_config_args, existing_path
 
     p = subparsers.add_parser(
         "import",
@@ -90,12 +91,14 @@ def _register_import(subparsers) -> None:
         "without an entry and malformed entries are counted and listed; the totals reconcile. Uses the "
         "configuration's detector.max_image_pixels and data.allow_absolute_image_paths.",
     )
-    p.add_argument("--boxes", required=True, metavar="FILE.json", help="the reference box file")
-    p.add_argument("--corpus", required=True, metavar="DATA.json", help="the LLaVA JSON/JSONL its ids refer to")
-    p.add_argument("--image-root", required=True, metavar="DIR", help="root that the corpus' image paths are under")
+    p.add_argument("--boxes", required=True, metavar="FILE.json", type=existing_path, help="the reference box file")
+    p.add_argument("--corpus", required=True, metavar="DATA.json", type=existing_path,
+                   help="the LLaVA JSON/JSONL its ids refer to")
+    p.add_argument("--image-root", required=True, metavar="DIR", type=existing_path,
+                   help="root that the corpus' image paths are under")
     p.add_argument("--out", required=True, metavar="DIR", help="box table directory to write")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per Parquet shard (default: 10000)")
-    p.add_argument("--overwrite", action="store_true", help="replace another box table in --out")
+    p.add_argument("--fresh", action="store_true", help="replace another box table in --out")
     p.add_argument("--warehouse", metavar="FILE", help="DuckDB warehouse to record the table in "
                    "(default: $MGLLAVA_HOME/warehouse.duckdb)")
     p.add_argument("--no-warehouse", action="store_true", help="do not touch the DuckDB warehouse")
@@ -113,7 +116,7 @@ def _run_import(args: argparse.Namespace) -> int:
         result = import_boxes(args.boxes, args.corpus, args.image_root, args.out,
                               max_image_pixels=config.detector.max_image_pixels,
                               allow_absolute=config.data.allow_absolute_image_paths,
-                              shard_size=args.shard_size, overwrite=args.overwrite)
+                              shard_size=args.shard_size, overwrite=args.fresh)
     except (BoxImportError, RunConflictError, FileNotFoundError) as exc:
         print(f"mgllava detect import: error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +131,7 @@ def _run_detect(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from detector.inputs import default_sources
-    from mgllava.cli import config_from_args
+    from mgllava.cli import UsageError, config_from_args
 
     config = config_from_args(args)
     det = config.detector
@@ -147,16 +150,9 @@ def _run_detect(args: argparse.Namespace) -> int:
     )
     try:
         if args.dask_address:
-            from flows.detect import detect as detect_flow_run
-
-            manifest = detect_flow_run(
-                sources=[str(s) for s in sources], out=str(out), image_root=image_root, settings=settings.to_json(),
-                shard_size=shard_size, overwrite=args.overwrite, dask_address=args.dask_address,
-            )
-            from detector.pipeline import DetectResult
-
-            result = DetectResult(out, manifest, skipped=manifest.get("_skipped", False),
-                                  computed_shards=manifest.get("runs", [{}])[-1].get("computed_shards", []))
+            if args.on_dask is None:
+                raise UsageError("--dask-address", "Dask runs go through the `mgllava` command (mgllava.cli)")
+            result = args.on_dask(sources, out, settings, image_root, shard_size, args.fresh, args.dask_address)
         else:
             result = _detect_with_bar(sources, out, settings, image_root, shard_size, args)
     except (DetectorError, RunConflictError, FileNotFoundError, ValueError) as exc:
@@ -173,7 +169,7 @@ def _detect_with_bar(sources, out, settings, image_root, shard_size, args):
 
     from detector.pipeline import run_detection
 
-    bar = tqdm(total=0, unit="img", desc="detect", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=0, unit="img", desc="detect", disable=args.quiet, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         if bar.total != total:
@@ -183,7 +179,7 @@ def _detect_with_bar(sources, out, settings, image_root, shard_size, args):
 
     try:
         return run_detection(sources, out, settings, image_root=image_root, shard_size=shard_size,
-                             overwrite=args.overwrite, progress=progress)
+                             overwrite=args.fresh, progress=progress)
     finally:
         bar.close()
 

@@ -24,11 +24,11 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 @task(name="detect-prepare", cache_policy=NO_CACHE)  # never cached: the files on disk are the state
 def prepare_task(sources: list[str], out: str, image_root: str | None, settings: dict, shard_size: int,
-                 overwrite: bool, run_id: str) -> dict:
+                 fresh: bool, run_id: str) -> dict:
     from detector.pipeline import prepare_run, settings_from_manifest
 
     plan = prepare_run(sources, out, settings_from_manifest({"settings": settings}), image_root=image_root,
-                       shard_size=shard_size, overwrite=overwrite, run_id=run_id)
+                       shard_size=shard_size, overwrite=fresh, run_id=run_id)
     return {"out": str(plan.out), "fingerprint": plan.fingerprint, "n_images": plan.n_images,
             "n_shards": plan.n_shards, "pending": plan.pending, "complete": plan.complete,
             "manifest": plan.manifest}
@@ -58,23 +58,24 @@ def register_task(out: str) -> None:
 
 @flow(name="detect", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
 def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | None = None,
-                shard_size: int = 256, overwrite: bool = False) -> dict:
+                shard_size: int = 256, fresh: bool = False) -> dict:
     """Detect boxes on every distinct image of ``sources`` into the box table ``out``.
 
-    ``settings``: :meth:`detector.model.DetectorSettings.to_json`. Returns the manifest.
+    ``settings``: :meth:`detector.model.DetectorSettings.to_json`; ``fresh``: replace a box table
+    of another run in ``out``. Returns the manifest.
     """
     from detector.pipeline import run_lock
 
     with run_lock(out) as run_id:
-        return _detect_locked(sources, out, settings, image_root, shard_size, overwrite, run_id)
+        return _detect_locked(sources, out, settings, image_root, shard_size, fresh, run_id)
 
 
-def _detect_locked(sources, out, settings, image_root, shard_size, overwrite, run_id) -> dict:
+def _detect_locked(sources, out, settings, image_root, shard_size, fresh, run_id) -> dict:
     import datetime as dt
 
     logger = get_run_logger()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    plan = prepare_task(sources, out, image_root, settings, shard_size, overwrite, run_id)
+    plan = prepare_task(sources, out, image_root, settings, shard_size, fresh, run_id)
     if plan["complete"]:
         logger.info("box table %s is already complete for these inputs and detector (run %s): skipped",
                     plan["out"], plan["fingerprint"][:12])
@@ -101,7 +102,7 @@ def _detect_locked(sources, out, settings, image_root, shard_size, overwrite, ru
 
 
 def detect(sources: list[str], out: str, settings: dict, image_root: str | None = None, shard_size: int = 256,
-           overwrite: bool = False, dask_address: str | None = None) -> dict:
+           fresh: bool = False, dask_address: str | None = None) -> dict:
     """Run :func:`detect_flow` locally, or on the Dask cluster at ``dask_address``."""
     runner_flow = detect_flow
     if dask_address:
@@ -110,4 +111,4 @@ def detect(sources: list[str], out: str, settings: dict, image_root: str | None 
         runner_flow = detect_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
     return runner_flow(sources=[str(s) for s in sources], out=str(out), settings=settings,
                        image_root=str(image_root) if image_root else None, shard_size=shard_size,
-                       overwrite=overwrite)
+                       fresh=fresh)

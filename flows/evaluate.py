@@ -1,6 +1,7 @@
 """Prefect flow ``evaluate``: one task per benchmark, run concurrently, results into DuckDB.
 
-Wiring only; the work is in :mod:`mgllava.eval.runner`. The benchmarks run as Prefect tasks
+Wiring only; the work is in :mod:`mgllava.eval.evaluate` (``mgllava evaluate`` runs the same
+without Prefect). The benchmarks run as Prefect tasks
 on a thread pool (``max_workers``, default 2): threads of one process share one copy of the
 model (:func:`mgllava.eval.lmms_model.load_model`), so memory grows with the number of
 benchmarks in flight only by their data and activations. A benchmark that fails becomes a
@@ -16,14 +17,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from mgllava.eval.evaluate import DEFAULT_MAX_WORKERS
 
-DEFAULT_MAX_WORKERS = 2
+os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 @task(name="evaluate-benchmark", task_run_name="evaluate-{name}", cache_policy=NO_CACHE)
@@ -37,50 +38,26 @@ def benchmark_task(name: str, plan: dict, include_path: str, model_kwargs: dict,
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS), log_prints=False)
 def evaluate(model_dir: str, preset: str | None = None, config_file: str | None = None,
-             overrides: list[str] | None = None, tasks: list[str] | None = None, run_id: str | None = None,
-             db_path: str | None = None) -> list[dict]:
-    """Evaluate the exported model ``model_dir`` on ``tasks`` (default ``config.eval.tasks``).
+             overrides: list[str] | None = None, benchmarks: list[str] | None = None, run_id: str | None = None,
+             warehouse: str | None = None) -> list[dict]:
+    """Evaluate the exported model ``model_dir`` on ``benchmarks`` (default ``config.eval.tasks``).
 
     Returns the checkpoint's score table: one dict per (task, metric), with the status and
-    reason of failed and skipped benchmarks.
+    reason of failed and skipped benchmarks (:func:`mgllava.eval.evaluate.evaluate`).
     """
     from mgllava.config import load_config
-    from mgllava.eval.runner import BenchmarkResult, prepare_evaluation
-    from warehouse.eval import failure_recorded, record_run_end, score_table, write_task_result
+    from mgllava.eval.evaluate import evaluate as evaluate_model
 
-    logger = get_run_logger()
     config = load_config(preset=preset, path=config_file, overrides=overrides or [])
-    run = prepare_evaluation(config, model_dir, tasks, run_id, db_path=db_path)
-    logger.info("evaluation run %s of %s: %s", run.run_id, run.checkpoint,
-                ", ".join(f"{p.name} ({p.status})" for p in run.plans))
-    with failure_recorded(run.run_id, db_path=db_path):  # however the run ends early, it is marked failed
-        results, futures = [], {}
-        for plan in run.plans:
-            if plan.status == "ready":
-                future = benchmark_task.submit(plan.name, asdict(plan), run.include_path, run.model_kwargs, run.limit,
-                                               run.output_dir)
-                futures[future] = plan
-            else:
-                results.append(BenchmarkResult(plan.name, plan.task, plan.status, plan.reason).to_json())
-                write_task_result(run.run_id, run.checkpoint, results[-1], db_path=db_path)
-                logger.info("%s skipped: %s", plan.name, plan.reason)
-        for future in as_completed(list(futures)):
-            plan = futures[future]
-            try:
-                result = future.result()
-            except Exception as exc:  # the task itself crashed (run_benchmark reports its own errors)
-                result = BenchmarkResult(plan.name, plan.task, "failed", f"{type(exc).__name__}: {exc}",
-                                         plan.data_dir).to_json()
-            write_task_result(run.run_id, run.checkpoint, result, db_path=db_path)
-            results.append(result)
-            if result["status"] == "completed":
-                logger.info("%s: %d samples in %.1f s: %s", plan.name, result["n"], result["seconds"],
-                            ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
-            else:
-                logger.error("%s failed: %s", plan.name, result["reason"].splitlines()[0])
-        record_run_end(run.run_id, results, db_path=db_path)
-    columns, rows = score_table(checkpoint=run.checkpoint, db_path=db_path)
-    return [dict(zip(columns, row)) for row in rows]
+    return evaluate_model(config, model_dir, benchmarks, run_id, warehouse, run_ready=_as_prefect_tasks)
+
+
+def _as_prefect_tasks(run, plans):
+    """Each ready benchmark as a Prefect task on the flow's task runner, yielded as it finishes."""
+    futures = {benchmark_task.submit(plan.name, asdict(plan), run.include_path, run.model_kwargs, run.limit,
+                                     run.output_dir): plan for plan in plans}
+    for future in as_completed(list(futures)):
+        yield futures[future], future.result
 
 
 def run_evaluate(model_dir: str, max_workers: int = DEFAULT_MAX_WORKERS, **kwargs) -> list[dict]:

@@ -7,7 +7,7 @@ score table, the box-table summary, the loss curves and links to the checkpoints
 Wiring only; every stage is a function of :mod:`mgllava.pipeline`, :mod:`detector`,
 :mod:`mgllava.train` or :mod:`mgllava.eval`. Expensive stages are Prefect tasks
 cached on content keys (:mod:`mgllava.pipeline`): a re-run with the same inputs
-shows them ``Cached`` and logs it; ``force=True`` recomputes. Training stages
+shows them ``Cached`` and logs it; ``fresh=True`` recomputes. Training stages
 retry once and resume from their last checkpoint.
 """
 
@@ -66,7 +66,7 @@ def evaluate_model(config_file: str, model_dir: str, key: str) -> list[dict]:
 
 def _cached(logger, name: str, future_state) -> None:
     if future_state.name == "Cached":
-        logger.info("%s: inputs unchanged, reused the cached result (force=True recomputes)", name)
+        logger.info("%s: inputs unchanged, reused the cached result (fresh=True recomputes)", name)
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
@@ -115,13 +115,13 @@ def full_train(
     overrides: list[str] | None = None,
     benchmarks: list[str] | None = None,
     work_dir: str | None = None,
-    force: bool = False,
+    fresh: bool = False,
 ) -> list[dict]:
     """Train and evaluate MG-LLaVA end to end; returns the score table (also in DuckDB).
 
     ``preset``/``config_file`` pick the configuration, ``overrides`` are ``--set`` style
     ``key=value`` strings, ``benchmarks`` replaces ``eval.tasks``, ``work_dir`` moves every
-    output, and ``force`` recomputes cached stages.
+    output, and ``fresh`` recomputes cached stages.
     """
     from mgllava.train.job import new_run_id, resumable
 
@@ -134,7 +134,7 @@ def full_train(
     config = load_config(preset=None if config_file else preset, path=config_file, overrides=extra)
     config_path = str(config.save(Path(config.work_dir) / "config.yaml"))
     logger.info("configuration %s, work dir %s", config.preset, config.work_dir)
-    refresh = {"refresh_cache": True} if force else {}
+    refresh = {"refresh_cache": True} if fresh else {}
 
     world_and_zoo(config)
     if needs_detector_training(config):
@@ -146,12 +146,12 @@ def full_train(
     settings = DetectorSettings.from_config(
         config.detector, allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
     box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir, settings=settings,
-                               image_root=config.data.image_root, overwrite=True)  # a new detector redoes it
+                               image_root=config.data.image_root, fresh=True)  # a new detector redoes it
     run_id = new_run_id()
     stages = {}
     for stage in ("pretrain", "finetune"):
-        if force or not resumable(config, stage):
-            reset_stage(config, stage)  # forced, or its checkpoints are another input's: start over
+        if fresh or not resumable(config, stage):
+            reset_stage(config, stage)  # fresh, or its checkpoints are another input's: start over
         state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_key(config, stage),
                                                     return_state=True)
         _cached(logger, f"train-{stage}", state)

@@ -279,7 +279,7 @@ def convert(checkpoint: str | Path, out: str | Path, model_config) -> dict:
 
 
 def register_cli(subparsers) -> None:
-    from mgllava.cli import add_config_args
+    from mgllava.cli import add_config_args, existing_path
 
     p = subparsers.add_parser(
         "convert",
@@ -290,10 +290,13 @@ def register_cli(subparsers) -> None:
         "export directory (MGLLaVA.export) that evaluate/chat load and finetuning can start from. A key "
         "that maps nowhere, a missing weight or a wrong shape fails naming the key (exit 2).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the reference .pth file or directory")
-    p.add_argument("--llm", required=True, metavar="DIR", help="the base LLM (HF directory with its tokenizer)")
-    p.add_argument("--clip", required=True, metavar="DIR", help="the CLIP ViT directory")
-    p.add_argument("--convnext", required=True, metavar="DIR", help="the open_clip ConvNeXt directory")
+    p.add_argument("--checkpoint", required=True, type=existing_path, metavar="PATH",
+                   help="the reference .pth file or directory")
+    p.add_argument("--llm", required=True, type=existing_path, metavar="DIR",
+                   help="the base LLM (HF directory with its tokenizer)")
+    p.add_argument("--clip", required=True, type=existing_path, metavar="DIR", help="the CLIP ViT directory")
+    p.add_argument("--convnext", required=True, type=existing_path, metavar="DIR",
+                   help="the open_clip ConvNeXt directory")
     p.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
     add_config_args(p)
     p.set_defaults(func=_run)

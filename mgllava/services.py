@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # where prefect.yaml lives (
 
 def state_file() -> Path:
     return mgllava_home() / "services.json"
+
+
+def prefect_home() -> Path:
+    """Where every Prefect process of mgllava keeps its state (``PREFECT_HOME``), never ``~/.prefect``."""
+    return mgllava_home() / "prefect"
 
 
 def _read_state() -> dict:
@@ -106,7 +112,7 @@ def prefect_env(api_url: str) -> dict[str, str]:
     """The environment for every Prefect process ``up`` starts or runs."""
     return {
         **child_environment(),
-        "PREFECT_HOME": str(mgllava_home() / "prefect"),
+        "PREFECT_HOME": str(prefect_home()),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": api_url,
@@ -120,6 +126,12 @@ def _healthy(api_url: str, timeout: float = 2.0) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def _wait_healthy(api_url: str, timeout: float, log_path: Path) -> None:
@@ -164,11 +176,13 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
             api_url = server["api_url"]
             log.info("Prefect server already running (pid %d) at %s", server["pid"], api_url)
         else:
+            from mgllava.cli import UsageError
+
             if _healthy(api_url):
-                raise RuntimeError(
-                    f"something else already answers at {api_url}: stop it, or use it with "
-                    f"PREFECT_API_URL={api_url} mgllava up"
-                )
+                raise UsageError("--port", f"a Prefect server `mgllava up` did not start answers at {api_url}: "
+                                 f"stop it, use it with PREFECT_API_URL={api_url} mgllava up, or pick another --port")
+            if _port_taken(port):
+                raise UsageError("--port", f"port {port} on {HOST} is taken by another program: pick another --port")
             command = _prefect("server", "start", "--host", HOST, "--port", str(port))
             pid = _spawn(command, prefect_env(api_url), logs / "prefect-server.log")
             state["server"] = {**_identity(pid), "api_url": api_url, "log": str(logs / "prefect-server.log")}
@@ -249,6 +263,12 @@ def status() -> dict:
     }
 
 
+def running_api_url() -> str | None:
+    """The API URL of the server `up` started, when it is running and answers; else None."""
+    server = _read_state().get("server") or {}
+    return server["api_url"] if _running(server) and _healthy(server.get("api_url", "")) else None
+
+
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "up",
@@ -264,10 +284,22 @@ def register_cli(subparsers) -> None:
         "down", help="stop what `mgllava up` started", description="Stop the worker and server `up` started."
     )
     parser.set_defaults(func=_down)
+    parser = subparsers.add_parser(
+        "status", help="the Prefect server and worker, the warehouse and its last runs",
+        description="Show whether the Prefect server and worker of `mgllava up` run (and where), where the "
+        "DuckDB warehouse is, and the last runs it recorded (box tables, training stages, evaluations).",
+    )
+    parser.add_argument("--warehouse", metavar="FILE", help="DuckDB warehouse (default $MGLLAVA_HOME/warehouse.duckdb)")
+    parser.add_argument("--last", type=int, default=5, metavar="N", help="how many runs to list (default 5)")
+    parser.set_defaults(func=_status)
 
 
 def _up(args) -> int:
-    state = up(port=args.port)
+    try:
+        state = up(port=args.port)
+    except RuntimeError as exc:  # the server did not start, or a Prefect command failed: see the log named
+        print(f"mgllava up: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     ui = state["api_url"].removesuffix("/api")
     print(f"Prefect API: {state['api_url']}")
     print(f"Prefect UI:  {ui}  (flow runs: {ui}/runs)")
@@ -283,4 +315,37 @@ def _down(args) -> int:
         print(f"{name}: {outcome}")
     if not entries:
         print("nothing was running")
+    return 0
+
+
+def _status(args) -> int:
+    from mgllava.eval.cli import format_table
+    from warehouse.db import WarehouseBusy, default_path
+    from warehouse.runs import COLUMNS, last_runs
+
+    state = _read_state()
+    server, worker = state.get("server") or {}, state.get("worker") or {}
+    external = os.environ.get("PREFECT_API_URL")
+    if _running(server):
+        answers = "" if _healthy(server["api_url"]) else " (not answering)"
+        print(f"server:    running (pid {server['pid']}) at {server['api_url'].removesuffix('/api')}{answers}")
+    elif external:
+        print(f"server:    PREFECT_API_URL={external} ({'answers' if _healthy(external) else 'does not answer'})")
+    else:
+        print("server:    not running (start it with `mgllava up`)")
+    if _running(worker):
+        print(f"worker:    running (pid {worker['pid']}) on pool '{POOL}'")
+    else:
+        print("worker:    not running")
+    path = Path(args.warehouse).expanduser() if args.warehouse else default_path()
+    print(f"warehouse: {path}" + ("" if path.is_file() else " (not created yet)"))
+    try:
+        rows = last_runs(path, args.last)
+    except WarehouseBusy as exc:
+        print(f"last runs: {exc}")
+        return 0
+    if rows:
+        print("last runs:\n" + format_table(COLUMNS, rows))
+    else:
+        print("last runs: none recorded")
     return 0

@@ -11,7 +11,6 @@ A record that training rejects or skips is named with the reason (exit 1).
 from __future__ import annotations
 
 import argparse
-import sys
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 
@@ -37,7 +36,7 @@ def register_cli(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from mgllava.cli import config_from_args
+    from mgllava.cli import UsageError, config_from_args
     from mgllava.model import MGLLaVAProcessor
     from mgllava.model.splice import IGNORE_INDEX
     from mgllava.train.data import ConversationDataset, Skipped, prepare_record, read_corpus
@@ -48,9 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     corpus = getattr(config.data, f"{args.stage}_json")
     records = read_corpus(corpus)
     if not 0 <= args.index < len(records):
-        print(f"mgllava show-sample: --index {args.index} is outside {corpus} ({len(records)} records)",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--index", f"{args.index} is outside {corpus} ({len(records)} records)")
     record, reason, detail = prepare_record(records[args.index], config.data.allow_absolute_image_paths)
     name = f"{args.stage} record {args.index} of {corpus}"
     if reason:

@@ -373,7 +373,7 @@ def test_cli_detect_and_warehouse(tmp_path, capsys, monkeypatch):
     make_images(images, 4)
     (images / "broken.png").write_bytes(b"")
     args = ["detect", "--source", str(images), "--model", "yolo11n.yaml", "--out", str(tmp_path / "out"),
-            "--conf", "0.99", "--imgsz", "160", "--no-progress"]
+            "--conf", "0.99", "--imgsz", "160", "--quiet"]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("detect: 5 images: 4 with box rows (0 boxes), 1 rejects")
@@ -386,7 +386,7 @@ def test_cli_detect_and_warehouse(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     assert "already complete, skipped" in capsys.readouterr().out
     bad = ["detect", "--source", str(images), "--model", str(tmp_path / "missing.pt"), "--out",
-           str(tmp_path / "o2"), "--no-progress", "--no-warehouse"]
+           str(tmp_path / "o2"), "--quiet", "--no-warehouse"]
     assert main(bad) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -174,12 +174,12 @@ def test_results_replace_and_read_only(tmp_path, capsys):
 
     with pytest.raises(duckdb.Error):
         read_only_query("DELETE FROM scores", db_path=db)
-    assert cli(["results", "--db", str(db), "--sql", "INSERT INTO scores VALUES ('x','x','x','x',1,1,NULL)"]) == 2  # refused (issue 18)
+    assert cli(["results", "--warehouse", str(db), "--sql", "INSERT INTO scores VALUES ('x','x','x','x',1,1,NULL)"]) == 2  # refused (issue 18)
     assert "read-only" in capsys.readouterr().err
-    assert cli(["results", "--db", str(db)]) == 0
+    assert cli(["results", "--warehouse", str(db)]) == 0
     out = capsys.readouterr().out
     assert "mmbench" in out and "boom" in out and "(4 rows)" in out
-    assert cli(["results", "--db", str(db), "--sql", "SELECT count(*) AS n FROM predictions"]) == 0
+    assert cli(["results", "--warehouse", str(db), "--sql", "SELECT count(*) AS n FROM predictions"]) == 0
     assert "5" in capsys.readouterr().out.splitlines()[2]
 
 
@@ -205,8 +205,8 @@ def test_evaluate_flow_end_to_end(prefect_server, exported, boxy, tiny_world, ti
         f"eval.data_dirs={{textvqa: {tmp_path / 'broken'}}}", "data.boxes_dir=" + str(tmp_path / "no-table"),
     ]
     db = str(tmp_path / "wh.duckdb")
-    rows = run_evaluate(exported, max_workers=2, overrides=overrides, db_path=db,
-                        tasks=["pope", "mmbench", "textvqa", "mme", "mmvet"])
+    rows = run_evaluate(exported, max_workers=2, overrides=overrides, warehouse=db,
+                        benchmarks=["pope", "mmbench", "textvqa", "mme", "mmvet"])
     status = {r["task"]: r["status"] for r in rows}
     assert status == {"pope": "completed", "mmbench": "completed", "textvqa": "failed", "mme": "skipped",
                       "mmvet": "skipped"}
@@ -229,8 +229,8 @@ def test_evaluate_flow_end_to_end(prefect_server, exported, boxy, tiny_world, ti
     assert q("SELECT status, n_completed, n_failed, n_skipped FROM eval_runs") == [("failed", 2, 1, 2)]
 
     # same checkpoint and task again (fewer samples): rows replaced, not duplicated; boxes from the cache
-    rows = run_evaluate(exported, max_workers=1, overrides=overrides + ["eval.limit=5"], db_path=db,
-                        tasks=["pope"])
+    rows = run_evaluate(exported, max_workers=1, overrides=overrides + ["eval.limit=5"], warehouse=db,
+                        benchmarks=["pope"])
     assert q("SELECT task, count(*) FROM predictions GROUP BY 1 ORDER BY 1") == [("mmbench", 7), ("pope", 5)]
     assert q("SELECT count(*), count(DISTINCT run_id), min(n) FROM scores WHERE task = 'pope'") == [(5, 1, 5)]
     assert q("SELECT DISTINCT box_origin FROM predictions WHERE task = 'pope'") == [("cache",)]

@@ -141,7 +141,7 @@ def test_flow_failures_end_the_run_failed(prefect_server, tmp_path, monkeypatch,
     db = tmp_path / "wh.duckdb"
     overrides = [f"work_dir={tmp_path / 'work'}", f"eval.data_dirs={{pope: {tmp_path / 'pope'}}}",
                  f"detector.model={tmp_path / 'no-detector.pt'}"]
-    rows = evaluate(str(model), overrides=overrides, tasks=["pope"], run_id="bad-model", db_path=str(db))
+    rows = evaluate(str(model), overrides=overrides, benchmarks=["pope"], run_id="bad-model", warehouse=str(db))
     assert {r["task"]: r["status"] for r in rows} == {"pope": "failed"}
     assert _q(db, "SELECT status, reason FROM eval_runs") == [("failed", "1 of 1 benchmarks failed: pope")]
     fault_ledger.record("evaluation of a model that fails to load", True)
@@ -151,7 +151,7 @@ def test_flow_failures_end_the_run_failed(prefect_server, tmp_path, monkeypatch,
 
     monkeypatch.setattr(warehouse_eval, "write_task_result", refuse)  # the flow's write of the result fails
     with pytest.raises(TimeoutError):
-        evaluate(str(model), overrides=overrides, tasks=["pope"], run_id="write-fails", db_path=str(db))
+        evaluate(str(model), overrides=overrides, benchmarks=["pope"], run_id="write-fails", warehouse=str(db))
     [(status, reason)] = _q(db, "SELECT status, reason FROM eval_runs WHERE run_id = 'write-fails'")
     assert status == "failed" and reason == "TimeoutError: the warehouse is busy"
     assert _q(db, "SELECT run_id, status FROM eval_tasks") == [("write-fails", "failed")]

@@ -48,7 +48,7 @@ def _run_stage(config_file: Path, run_id: str, fault: str | None = None, **env_v
     env = {key: value for key, value in job_env().items() if key != FAULT_ENV}  # as a launched job's
     env.update({FAULT_ENV: fault} if fault else {}, **env_vars)
     command = [sys.executable, "-m", "mgllava.train", "--config", str(config_file), "--stage", "pretrain",
-               "--run-id", run_id, "--no-progress"]
+               "--run-id", run_id, "--quiet"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 

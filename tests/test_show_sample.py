@@ -56,4 +56,4 @@ def test_show_sample_names_a_record_outside_the_corpus(tiny_world, tiny_zoo, tmp
     overrides = [f"--set={o}" for o in tiny_overrides(tiny_world, tiny_zoo, tmp_path / "work")]
     n = len(json.loads((tiny_world / "pretrain.json").read_text()))
     assert main(["show-sample", *overrides, "--stage", "pretrain", "--index", str(n)]) == 2
-    assert f"--index {n} is outside {tiny_world / 'pretrain.json'} ({n} records)" in capsys.readouterr().err
+    assert f"argument --index: {n} is outside {tiny_world / 'pretrain.json'} ({n} records)" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def warehouse(tmp_path):
 
 
 def results(w, capsys, *args) -> tuple[int, str, str]:
-    code = cli(["results", "--db", str(w.path), *args])
+    code = cli(["results", "--warehouse", str(w.path), *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -201,7 +201,7 @@ def test_failed_or_skipped_reevaluation_marks_the_old_scores_stale(tmp_path, cap
     wh.write_task_result("r2", "/ckpt", outcome("mmbench", "skipped", "no data"), db_path=path)
     assert _q(path, stale) == [("mmbench", "skipped", True, "r1"), ("pope", "failed", True, "r1")]
     assert _q(path, "SELECT count(*) FILTER (stale) FROM scores") == [(4,)]
-    assert cli(["results", "--db", str(path)]) == 0
+    assert cli(["results", "--warehouse", str(path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "stale" in table[0] and "score_run" in table[0] and all("True" in line for line in table[2:6])
     wh.write_task_result("r3", "/ckpt", completed("pope", value=0.9), db_path=path)  # a new score is not stale
@@ -265,7 +265,7 @@ def test_an_older_warehouse_gains_the_new_columns(tmp_path, capsys):
         con.execute("INSERT INTO eval_tasks (checkpoint, task, run_id, status) VALUES ('/ckpt', 'pope', 'r0', "
                     "'completed')")
         con.execute("INSERT INTO scores VALUES ('r0', '/ckpt', 'pope', 'acc', 0.7, 10, NULL)")
-    assert cli(["results", "--db", str(path)]) == 0  # a reader brings it up to date
+    assert cli(["results", "--warehouse", str(path)]) == 0  # a reader brings it up to date
     assert "0.7" in capsys.readouterr().out
     assert _q(path, "SELECT value, stale FROM scores") == [(0.7, False)]
     assert _q(path, "SELECT value FROM schema_info") == [(db.WAREHOUSE_SCHEMA_VERSION,)]

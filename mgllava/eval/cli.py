@@ -1,8 +1,9 @@
 """``mgllava evaluate``, ``mgllava results`` and ``mgllava chat`` (registered by :func:`register_cli`).
 
-- ``evaluate --model DIR [--tasks pope,mmbench] [--max-workers N]``: the Prefect flow
-  ``evaluate``; prints the score table.
-- ``results [--checkpoint DIR] [--task NAME]``: the score table from the warehouse (``stale``
+- ``evaluate --model DIR [--benchmarks pope,mmbench] [--max-workers N]``: the benchmarks in this
+  process (:func:`mgllava.eval.evaluate.evaluate`, what the Prefect flow ``evaluate`` runs as
+  tasks); prints the score table.
+- ``results [--checkpoint DIR] [--benchmark NAME]``: the score table from the warehouse (``stale``
   marks a score that a later failed or skipped evaluation left standing);
   ``results --sql "SELECT ..."``: one read-only query, sandboxed (:func:`warehouse.db.sandboxed_query`):
   anything else is refused with one line and exit code 2.
@@ -45,22 +46,25 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
 
 
 def register_cli(subparsers) -> None:
-    from mgllava.cli import add_config_args
+    from mgllava.cli import add_config_args, comma_list, existing_path, positive_int
     from mgllava.eval.tasks import BENCHMARKS
 
     ev = subparsers.add_parser(
         "evaluate",
         help="evaluate an exported model on the benchmarks (lmms-eval), scores into the warehouse",
-        description="Run the Prefect flow `evaluate`: one task per benchmark, concurrently, with the stock "
-        "lmms-eval prompts and metrics on local data (config eval.data_dirs, else the shapes world's sets). "
+        description="Evaluate in this process (no Prefect server; the deployment `evaluate` runs the same "
+        "as Prefect tasks): the benchmarks concurrently, with the stock lmms-eval prompts and metrics on "
+        "local data (config eval.data_dirs). "
         "Scores and per-sample predictions go into the DuckDB warehouse; re-evaluating a checkpoint on a "
         "task replaces its rows. Benchmarks: " + ", ".join(BENCHMARKS) + ".",
     )
     add_config_args(ev)
-    ev.add_argument("--model", required=True, help="exported MG-LLaVA directory (MGLLaVA.export)")
-    ev.add_argument("--tasks", help="comma-separated benchmarks (default: config eval.tasks)")
-    ev.add_argument("--max-workers", type=int, default=2, help="benchmarks evaluated at once (default 2)")
+    ev.add_argument("--model", required=True, type=existing_path, help="exported MG-LLaVA directory")
+    ev.add_argument("--benchmarks", type=comma_list(BENCHMARKS), metavar="A,B",
+                    help="comma-separated benchmarks (default: config eval.tasks)")
+    ev.add_argument("--max-workers", type=positive_int, default=2, help="benchmarks evaluated at once (default 2)")
     ev.add_argument("--run-id", help="id of this evaluation run (default: new)")
+    ev.add_argument("--warehouse", metavar="FILE", help="DuckDB warehouse (default $MGLLAVA_HOME/warehouse.duckdb)")
     ev.set_defaults(func=_evaluate)
 
     res = subparsers.add_parser(
@@ -75,8 +79,8 @@ def register_cli(subparsers) -> None:
     )
     res.add_argument("--sql", help='one read-only query, e.g. "SELECT task, avg(score) FROM predictions GROUP BY 1"')
     res.add_argument("--checkpoint", help="only this checkpoint (export directory)")
-    res.add_argument("--task", help="only this benchmark")
-    res.add_argument("--db", help="warehouse file (default $MGLLAVA_HOME/warehouse.duckdb)")
+    res.add_argument("--benchmark", metavar="NAME", help="only this benchmark")
+    res.add_argument("--warehouse", metavar="FILE", help="DuckDB warehouse (default $MGLLAVA_HOME/warehouse.duckdb)")
     res.add_argument("--max-width", type=int, default=60, help="truncate cells to this many characters")
     res.add_argument("--wait", type=float, default=5.0,
                      help="seconds to wait for a warehouse another process is writing (default 5)")
@@ -91,8 +95,8 @@ def register_cli(subparsers) -> None:
         "command line opens it).",
     )
     add_config_args(chat)
-    chat.add_argument("--model", required=True, help="exported MG-LLaVA directory")
-    chat.add_argument("--image", required=True, help="image file")
+    chat.add_argument("--model", required=True, type=existing_path, help="exported MG-LLaVA directory")
+    chat.add_argument("--image", required=True, type=existing_path, help="image file")
     chat.add_argument("question", nargs="?", help="the question (omit with --interactive)")
     chat.add_argument("--interactive", action="store_true", help="read questions from stdin")
     chat.add_argument("--detector", help="Ultralytics weights or model YAML (default: config detector.model)")
@@ -101,18 +105,16 @@ def register_cli(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from flows.evaluate import run_evaluate
     from mgllava.cli import config_from_args
-    from warehouse.db import WarehouseBusy
+    from mgllava.eval.evaluate import evaluate, on_threads
 
-    config_from_args(args)  # validate the configuration before starting Prefect
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    config = config_from_args(args)
     try:
-        rows = run_evaluate(args.model, max_workers=args.max_workers, preset=args.preset, config_file=args.config,
-                            overrides=args.overrides, tasks=tasks, run_id=args.run_id)
-    except WarehouseBusy as exc:
-        print(f"mgllava evaluate: {exc}", file=sys.stderr)
-        return 1
+        rows = evaluate(config, args.model, args.benchmarks, args.run_id, args.warehouse,
+                        run_ready=on_threads(args.max_workers))
+    except FileNotFoundError as exc:  # not an export directory
+        print(f"mgllava evaluate: error: argument --model: {exc}", file=sys.stderr)
+        return 2
     columns = ["task", "status", "metric", "value", "stale", "n", "reason"]
     print(format_table(columns, [tuple(r[c] for c in columns) for r in rows]))
     return 1 if any(r["status"] == "failed" for r in rows) else 0
@@ -126,9 +128,9 @@ def _results(args: argparse.Namespace) -> int:
 
     try:
         if args.sql:
-            columns, rows = read_only_query(args.sql, db_path=args.db, timeout=args.wait)
+            columns, rows = read_only_query(args.sql, db_path=args.warehouse, timeout=args.wait)
         else:
-            columns, rows = score_table(args.checkpoint, args.task, db_path=args.db, timeout=args.wait)
+            columns, rows = score_table(args.checkpoint, args.benchmark, db_path=args.warehouse, timeout=args.wait)
     except duckdb.PermissionException as exc:  # not one read-only statement, or a file it may not touch
         print(f"mgllava results: refused: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -150,14 +152,14 @@ def _stdin_questions() -> Iterator[str]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from detector.errors import DetectorError
-    from detector.model import DetectorSettings
-    from mgllava.cli import config_from_args
-    from mgllava.eval.chat import ChatSession
+    from mgllava.cli import UsageError, config_from_args
 
     if not args.interactive and not args.question:
-        print("mgllava chat: give a question, or --interactive", file=sys.stderr)
-        return 2
+        raise UsageError("question", "give a question, or --interactive")
+    from detector.errors import DetectorError
+    from detector.model import DetectorSettings
+    from mgllava.eval.chat import ChatSession
+
     config = config_from_args(args)
     settings = DetectorSettings.from_config(config.detector, model=args.detector)
     try:

@@ -490,13 +490,16 @@ def register_cli(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mgllava.cli import config_from_args
+    from mgllava.cli import UsageError, config_from_args
+    from mgllava.shapes.world import read_manifest
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else Path(config.model.llm.path).parent
     if config.shapes is None:
-        raise SystemExit(f"mgllava zoo: configuration '{config.preset}' has no shapes section (the demo kit's settings)")
+        raise UsageError("--preset", f"configuration '{config.preset}' has no shapes section (the demo kit's settings)")
     world = args.world or config.shapes.world.dir
+    if read_manifest(world) is None:
+        raise UsageError("--world", f"{world} is not a shapes world (no world.json): run `mgllava world` first")
     vision = config.model.vision
     build_zoo(out, world, high_res=vision.high_res, low_res=vision.low_res, max_length=config.model.max_length,
               recipe=config.shapes.zoo)

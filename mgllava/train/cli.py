@@ -15,7 +15,7 @@ def _add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="discard this stage's checkpoints instead of resuming from them"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (logs only)")
 
 
 def fail_on_sigterm() -> None:
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 
             summary = run_stage_job(config, args.stage, run_id, print, args.num_gpus, args.hostfile, args.fresh)
         else:
-            summary = train(config, args.stage, run_id=run_id, fresh=args.fresh, progress=not args.no_progress)
+            summary = train(config, args.stage, run_id=run_id, fresh=args.fresh, progress=not args.quiet)
     except StageBusy as exc:
         print(f"mgllava train: {exc}", file=sys.stderr)
         return 1
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
     fail_on_sigterm()
-    summary = train(config, args.stage, run_id=args.run_id, fresh=args.fresh, progress=not args.no_progress)
+    summary = train(config, args.stage, run_id=args.run_id, fresh=args.fresh, progress=not args.quiet)
     if summary:
         print(RESULT_PREFIX + json.dumps(summary))
     return 0
