@@ -42,7 +42,7 @@ from mgllava.shapes.world.render import COLORS, SHAPES, Scene, draw_scene, sampl
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 """Bumped whenever the generated content changes, so that old worlds get regenerated."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "bench")
