@@ -505,6 +505,8 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
     write_shard(out, index, fingerprint, rows, rejects)
     n_boxes = sum(len(b) for b in rows["boxes"])
     seconds = time.perf_counter() - t0
+    log.info("shard %d: %d images, %d boxes, %d rejects, %.1f images/s", index, len(items), n_boxes,
+             len(rejects["image_key"]), len(items) / max(seconds, 1e-9))
     return ShardResult(
         index, len(items), len(rows["image_key"]), len(rejects["image_key"]), n_boxes, computed=True, seconds=seconds
     )
@@ -631,11 +633,7 @@ def _run_locked(sources, out, settings, image_root, shard_size, overwrite, progr
         if progress:
             progress(counter[0], plan.n_images)
 
-    for k, index in enumerate(plan.pending):
-        res = run_shard(plan.out, index, progress=tick)
-        log.info(
-            "shard %d (%d/%d pending): %d images, %d boxes, %d rejects, %.1f images/s",
-            index, k + 1, len(plan.pending), res.images, res.boxes, res.rejects, res.images / max(res.seconds, 1e-9),
-        )
+    for index in plan.pending:
+        run_shard(plan.out, index, progress=tick)  # logs its line
     manifest = finalize_run(plan.out, computed=plan.pending, started_at=started, run_id=run_id)
     return DetectResult(plan.out, manifest, skipped=False, computed_shards=list(plan.pending))

@@ -8,7 +8,8 @@ Tables (declared in :data:`warehouse.db.TABLES` and :data:`warehouse.db.MIGRATIO
   (``reason`` holds the error) or ``skipped`` (``reason`` says why), timings, box origins;
 - ``scores``: one row per metric of the latest completed ``(checkpoint, task)``; ``stale`` is
   true when a later evaluation of it failed or was skipped (``run_id`` says which run scored it);
-- ``predictions``: one row per evaluated sample (question, target, prediction, score).
+- ``predictions``: one row per evaluated sample (question, target, prediction, score, and the
+  question's slice where its record carries one: ``object_size``, ``small_text``).
 
 ``checkpoint`` is the exported model directory's absolute path (what
 ``train_stages.export_dir`` holds, so scores join to training runs).
@@ -67,6 +68,7 @@ PREDICTION_SCHEMA = pa.schema(
     [("run_id", pa.string()), ("checkpoint", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()),
      ("score", pa.float64()), ("correct", pa.bool_()), ("n_boxes", pa.int64())]
     + [(name, pa.string()) for name in _PREDICTION_TEXT]
+    + [("object_size", pa.string()), ("small_text", pa.bool_())]
 )
 
 
@@ -149,6 +151,7 @@ def _score_rows(run_id: str, checkpoint: str, result: dict, now: datetime) -> tu
         "correct": [None if p["score"] is None else p["score"] >= 1.0 for p in predictions],
         "n_boxes": [p["n_boxes"] for p in predictions],
         **{name: [p[name] for p in predictions] for name in _PREDICTION_TEXT},
+        **{name: [p.get(name) for p in predictions] for name in ("object_size", "small_text")},
     }, schema=PREDICTION_SCHEMA)
     return scores, preds
 
@@ -231,6 +234,14 @@ def read_only_query(sql: str, params: list | None = None, db_path=None,
         raise FileNotFoundError(f"no warehouse at {path} yet: evaluate a checkpoint first")
     upgrade(path, timeout=timeout)
     return sandboxed_query(path, sql, params, timeout=timeout)
+
+
+SCORE_HISTORY_SQL = "SELECT evaluated_at, task, metric, value FROM scores WHERE value IS NOT NULL ORDER BY evaluated_at"
+
+
+def score_history(db_path=None, timeout: float = 30.0) -> list[tuple]:
+    """``(evaluated_at, task, metric, value)`` of every score in the warehouse, oldest first."""
+    return read_only_query(SCORE_HISTORY_SQL, db_path=db_path, timeout=timeout)[1]
 
 
 def score_table(checkpoint: str | None = None, task: str | None = None, db_path=None, timeout: float = 30.0):

@@ -174,3 +174,16 @@ def _write(op: dict | None, spool: Path | None, wait: float, before_commit: Call
     if spool is not None:
         spool.unlink(missing_ok=True)
     return True
+
+
+# --------------------------------------------------------------------------- reading
+
+STEPS_SQL = """SELECT stage, step, loss, lr FROM train_steps WHERE run_id IN (SELECT unnest(?))
+ORDER BY stage DESC, step"""
+
+
+def logged_steps(run_ids: list[str], db_path=None) -> list[tuple[str, int, float, float]]:
+    """``(stage, step, loss, lr)`` of every logged step of the training runs ``run_ids`` (read-only)."""
+    from warehouse.eval import read_only_query
+
+    return read_only_query(STEPS_SQL, [list(run_ids)], db_path=db_path)[1]
