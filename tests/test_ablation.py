@@ -39,3 +39,44 @@ def test_benchmark_records_carry_their_slice(tiny_world) -> None:
                     assert row["object_size"] is None
             seen.add((name, row["object_size"], row["small_text"]))
     assert {("pope", "small", False), ("gqa", "large", False), ("textvqa", None, True)} <= seen
+
+
+def _evaluated(db, checkpoint: str, task: str, answers: list[tuple[float, str | None, bool | None]]) -> None:
+    """Store one benchmark's outcome with per-question scores and slices, as an evaluation does."""
+    from warehouse.eval import write_task_result
+
+    predictions = [{"doc_id": i, "score": score, "n_boxes": 1, "question": "q", "prompt": "p", "target": "t",
+                    "prediction": "a", "box_origin": "table", "object_size": size, "small_text": text}
+                   for i, (score, size, text) in enumerate(answers)]
+    write_task_result("run", checkpoint, {"name": task, "task": task, "status": "completed", "n": len(answers),
+                                          "metrics": {"acc": 0.0}, "predictions": predictions, "seconds": 1.0},
+                      db_path=db)
+
+
+def test_the_documented_query_gives_deltas_and_standard_errors(tmp_path) -> None:
+    from mgllava.ablation import comparison_chart, comparison_markdown
+    from warehouse.ablation import COLUMNS, ablation_table, record_variant
+
+    db, config = tmp_path / "w.duckdb", load_config()
+    small, text = ("small", False), (None, True)
+    # baseline: 1 of 4 small-object questions, 1 of 2 text ones; full model: 3 of 4 and 1 of 2
+    _evaluated(db, "/x/low", "gqa", [(1.0, *small), (0.0, *small), (0.0, *small), (0.0, *small),
+                                     (1.0, *text), (0.0, *text)])
+    _evaluated(db, "/x/full", "gqa", [(1.0, *small), (1.0, *small), (1.0, *small), (0.0, *small),
+                                      (0.0, *text), (1.0, *text)])
+    _evaluated(db, "/x/other", "gqa", [(1.0, *small)] * 6)  # not in the ablation
+    record_variant("ab", "low", ["low"], 0, "low", "/x/low", config, db_path=db)
+    record_variant("ab", "low+high+objects", ["low", "high", "objects"], 0, "low", "/x/full", config, db_path=db)
+    rows = ablation_table(db_path=db)  # the latest ablation
+    assert rows and list(rows[0]) == COLUMNS
+    by = {(r["variant"], r["benchmark"], r["slice"]): r for r in rows}
+    full_small = by[("low+high+objects", "gqa", "object:small")]
+    assert (full_small["n"], full_small["accuracy"], full_small["delta"]) == (4, 0.75, 0.5)
+    assert full_small["delta_se"] == pytest.approx(((0.75 * 0.25 + 0.25 * 0.75) / 4) ** 0.5)
+    assert by[("low+high+objects", "gqa", "small text")]["delta"] == 0.0
+    assert by[("low", "gqa", "all")]["n"] == 6 and by[("low", "gqa", "all")]["delta"] is None  # the baseline
+    assert by[("low+high+objects", "(all)", "all")]["accuracy"] == pytest.approx(4 / 6)
+    assert {r["variant"] for r in rows} == {"low", "low+high+objects"}
+    table = comparison_markdown(rows)
+    assert "| gqa | object:small | 4 | 0.250 ± 0.217 | 0.750 ± 0.217 (+0.500 ± 0.306) |" in table
+    assert comparison_chart(rows, tmp_path / "ablation.png").stat().st_size > 1000

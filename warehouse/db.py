@@ -172,6 +172,19 @@ TABLES: list[str] = [
         box_origin VARCHAR,
         PRIMARY KEY (checkpoint, task, doc_id)
     )""",
+    # one row per trained variant of an ablation (mgllava ablate): its export joins predictions on checkpoint
+    """CREATE TABLE IF NOT EXISTS ablation_variants (
+        ablation_id VARCHAR NOT NULL,
+        variant VARCHAR NOT NULL,
+        granularities JSON,
+        seed BIGINT NOT NULL,
+        baseline VARCHAR NOT NULL,
+        checkpoint VARCHAR NOT NULL,
+        preset VARCHAR,
+        config JSON,
+        recorded_at TIMESTAMPTZ,
+        PRIMARY KEY (ablation_id, variant, seed)
+    )""",
 ]
 
 # Columns added after a table was first declared, for existing warehouses and new ones alike.
@@ -184,9 +197,12 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE train_stages ADD COLUMN IF NOT EXISTS reason VARCHAR",
     # true when a later evaluation of the (checkpoint, task) failed or was skipped: the score is from run_id
     "ALTER TABLE scores ADD COLUMN IF NOT EXISTS stale BOOLEAN DEFAULT false",
+    # the question's slice, where its benchmark record carries one (the shapes world's sets do)
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS object_size VARCHAR",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS small_text BOOLEAN",
 ]
 
-WAREHOUSE_SCHEMA_VERSION = "2"
+WAREHOUSE_SCHEMA_VERSION = "3"
 
 BOX_VIEWS = ("boxes", "box_rejects", "box_detections", "box_images")
 _GLOB_CHARS = set("*?[]{}")

@@ -92,6 +92,15 @@ def _text(value) -> str | None:
     return str(value)
 
 
+def question_slice(doc: dict) -> dict:
+    """A question's slice from its record's ``object_size`` (small, medium, large: the object asked
+    about) and ``small_text`` (it asks about small rendered text) columns, as the shapes world's sets
+    carry them (:mod:`mgllava.shapes.world.benchmarks`); None where a record has no such column."""
+    size, small_text = doc.get("object_size"), doc.get("small_text")
+    return {"object_size": str(size) if size else None,
+            "small_text": None if small_text is None else bool(small_text)}
+
+
 def _predictions(samples: list[dict], metric_names: list[str], boxes_used: dict, task: str) -> list[dict]:
     rows = []
     for sample in samples:
@@ -108,6 +117,7 @@ def _predictions(samples: list[dict], metric_names: list[str], boxes_used: dict,
             "score": score,
             "n_boxes": n_boxes,
             "box_origin": origin,
+            **question_slice(doc),
         })
     return rows
 
