@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's state lives with mgllava's (as `mgllava` sets it for every command), never in ~/.prefect
+export PREFECT_HOME ?= $(or $(MGLLAVA_HOME),$(HOME)/.mgllava)/prefect
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: install demo down test lint clean

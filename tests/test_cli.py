@@ -184,3 +184,15 @@ def test_world_follows_the_preset(tmp_path, capsys):
     manifest = json.loads((world / "world.json").read_text())
     assert (manifest["n_images"], manifest["conversations_per_image"]) == (6, 16)
     assert str(world) in capsys.readouterr().out
+
+
+@pytest.mark.slow  # imports the model code (torch, transformers)
+def test_evaluate_runs_in_this_process(tmp_path, capsys, monkeypatch):
+    """`mgllava evaluate` plans the run in this process (no Prefect): a directory that is not an export
+    is one line naming --model, before anything is recorded."""
+    monkeypatch.setenv("MGLLAVA_HOME", str(tmp_path / "home"))
+    assert main(["evaluate", "--model", str(tmp_path), "--set", f"work_dir={tmp_path / 'w'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mgllava evaluate: error: argument --model:")
+    assert "is not an exported MG-LLaVA directory" in err
+    assert not (tmp_path / "home" / "warehouse.duckdb").exists() and "prefect" not in err.lower()

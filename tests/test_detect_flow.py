@@ -68,10 +68,13 @@ def _same(a, b):
                 assert p[k] == pytest.approx(q[k], abs=1e-3)
 
 
-def test_flow_local_and_dask_match_library(tmp_path, prefect_server, boxy):
+def test_flow_local_and_dask_match_library(tmp_path, prefect_server, boxy, monkeypatch):
     from distributed import LocalCluster
 
     from flows.detect import detect
+    from mgllava.cli import main
+
+    monkeypatch.delenv("PREFECT_HOME", raising=False)  # main() sets it for this process
 
     images = tmp_path / "images"
     make_images(images, 7)
@@ -90,7 +93,14 @@ def test_flow_local_and_dask_match_library(tmp_path, prefect_server, boxy):
                       dashboard_address=None) as cluster:
         m_dask = detect([str(images)], str(tmp_path / "dask"), s.to_json(), shard_size=3,
                         dask_address=cluster.scheduler_address)
+        # `mgllava detect --dask-address`: the library CLI hands the run to the top floor's flow call
+        assert main(["detect", "--source", str(images), "--model", boxy, "--out", str(tmp_path / "cli"),
+                     "--conf", "0.25", "--imgsz", "160", "--batch", "4", "--device", "cpu", "--shard-size", "3",
+                     "--quiet", "--no-warehouse", "--dask-address", cluster.scheduler_address]) == 0
     assert m_dask["totals"] == m_local["totals"]
+    cli_manifest = pipeline.read_manifest(tmp_path / "cli")
+    assert cli_manifest["status"] == "complete" and cli_manifest["totals"]["images"] == 8
+    assert cli_manifest["totals"]["rejects"] == m_local["totals"]["rejects"]
     _same(_table(tmp_path / "dask"), _table(tmp_path / "local"))
 
     again = detect([str(images)], str(tmp_path / "local"), s.to_json(), shard_size=3)
