@@ -141,13 +141,17 @@ def _run_detect(args: argparse.Namespace) -> int:
     shard_size = args.shard_size or det.shard_size
 
     from detector.errors import DetectorError, RunConflictError
-    from detector.model import DetectorSettings
+    from detector.model import DetectorSettings, check_model
 
     settings = DetectorSettings.from_config(
         det, model=args.model, classes=args.classes, class_embeddings=args.class_embeddings, conf=args.conf,
         iou=args.iou, imgsz=args.imgsz, batch=args.batch, device=args.device,
         allow_absolute_image_paths=config.data.allow_absolute_image_paths,
     )
+    try:
+        check_model(settings.model)  # before reading the sources
+    except DetectorError as exc:
+        raise UsageError("--model", str(exc)) from None
     try:
         if args.dask_address:
             if args.on_dask is None:

@@ -229,6 +229,18 @@ _NO_CLIP_HELP = (
 )
 
 
+def check_model(model: str) -> Path:
+    """``model`` as a path, if it is a local file or an Ultralytics model YAML by its bare name (random
+    weights); else :class:`DetectorError` (nothing is downloaded). Cheap: nothing is loaded."""
+    path = Path(model).expanduser()
+    if not path.exists() and not (_is_yaml(path) and path.name == str(path)):
+        raise DetectorError(
+            f"detector model not found: {model} (weights cannot be downloaded here: give a "
+            "local .pt file, or an Ultralytics model YAML such as yolo11n.yaml for random weights)"
+        )
+    return path
+
+
 class Detector:
     """A loaded detector; :meth:`predict` takes a batch of BGR arrays, returns boxes per image."""
 
@@ -236,12 +248,7 @@ class Detector:
         from ultralytics.nn.tasks import WorldModel, YOLOEModel
 
         self.settings = settings
-        path = Path(settings.model).expanduser()
-        if not path.exists() and not (_is_yaml(path) and path.name == str(path)):
-            raise DetectorError(
-                f"detector model not found: {settings.model} (weights cannot be downloaded here: give a "
-                "local .pt file, or an Ultralytics model YAML such as yolo11n.yaml for random weights)"
-            )
+        path = check_model(settings.model)
         try:
             self.model = _build(path)
         except DetectorError:

@@ -14,8 +14,9 @@ keeps its state under ``$MGLLAVA_HOME/prefect`` for every command.
 
 This module is the top floor: the one module of the library allowed to import
 ``flows`` (Prefect), for ``mgllava run`` (the full-train flow called in this
-process) and ``mgllava detect --dask-address`` (the detect flow on a Dask
-cluster). Every other command runs the library directly.
+process), ``mgllava ablate`` (the ablate flow, likewise) and ``mgllava detect
+--dask-address`` (the detect flow on a Dask cluster). Every other command runs
+the library directly.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SUBCOMMAND_MODULES = (
     "mgllava.services",
     "mgllava.config_cli",
     "mgllava.show_sample",
+    "mgllava.ablation",
 )
 
 OWN_LOGGERS = ("mgllava", "detector", "warehouse", "flows")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register_cli(subparsers)
     subparsers.choices["detect"].set_defaults(on_dask=_detect_on_dask)
+    subparsers.choices["ablate"].set_defaults(run_flow=_ablate_flow)
     return parser
 
 
@@ -157,14 +160,10 @@ def _register_run(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from mgllava.eval.cli import format_table
-    from mgllava.services import running_api_url
 
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
     load_config(preset=args.preset, path=args.config, overrides=overrides)  # a bad one fails here, at once
-    api_url = running_api_url()
-    if api_url and "PREFECT_API_URL" not in os.environ:
-        os.environ["PREFECT_API_URL"] = api_url
-        print(f"recording the run in the Prefect server of `mgllava up`: {api_url.removesuffix('/api')}/runs")
+    _use_running_server()
     from flows.full_train import full_train
 
     rows = full_train(preset=args.preset, config_file=args.config, overrides=args.overrides,
@@ -172,6 +171,24 @@ def _run(args: argparse.Namespace) -> int:
     columns = ["task", "status", "metric", "value", "n", "reason"]
     print(format_table(columns, [tuple(r.get(c) for c in columns) for r in rows]))
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
+
+
+def _use_running_server() -> None:
+    """Record the flow runs of this process in the Prefect server of `mgllava up`, when one runs."""
+    from mgllava.services import running_api_url
+
+    api_url = running_api_url()
+    if api_url and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_API_URL"] = api_url
+        print(f"recording the run in the Prefect server of `mgllava up`: {api_url.removesuffix('/api')}/runs")
+
+
+def _ablate_flow(**parameters) -> list[dict]:
+    """``mgllava ablate``: the ablate flow (deployment mgllava/ablate) in this process."""
+    _use_running_server()
+    from flows.ablate import ablate
+
+    return ablate(**parameters)
 
 
 def _detect_on_dask(sources, out, settings, image_root, shard_size: int, fresh: bool, address: str):
@@ -187,6 +204,7 @@ def _detect_on_dask(sources, out, settings, image_root, shard_size: int, fresh: 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_HOME", str(mgllava_home() / "prefect"))  # never ~/.prefect
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     try:

@@ -27,6 +27,7 @@ USER_ERRORS = [
     (["zoo", "--world", NOPE], "--world"),
     (["detect", "--source", NOPE], "--source"),
     (["detect", "--classes", ","], "--classes"),
+    (["detect", "--model", NOPE + ".pt", "--source", "{dir}", "--no-warehouse"], "--model"),
     (["detect", "import", "--boxes", NOPE, "--corpus", "{file}", "--image-root", "{dir}", "--out", "{dir}"],
      "--boxes"),
     (["detector-train", "--data", NOPE], "--data"),
