@@ -174,13 +174,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _use_running_server() -> None:
-    """Record the flow runs of this process in the Prefect server of `mgllava up`, when one runs."""
+    """Record the flow runs of this process in the Prefect server of `mgllava up`, when one runs; else
+    Prefect's temporary local API, given time to create its database on a busy machine."""
     from mgllava.services import running_api_url
 
     api_url = running_api_url()
     if api_url and "PREFECT_API_URL" not in os.environ:
         os.environ["PREFECT_API_URL"] = api_url
         print(f"recording the run in the Prefect server of `mgllava up`: {api_url.removesuffix('/api')}/runs")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _ablate_flow(**parameters) -> list[dict]:

@@ -45,6 +45,7 @@ USER_ERRORS = [
     (["status", "--last", "some"], "--last"),
     (["config", "--set", "model.nonsense=1"], "model.nonsense"),
     (["show-sample", "--stage", "both"], "--stage"),
+    (["ablate", "--variants", "low,everything"], "--variants"),
 ]
 
 
