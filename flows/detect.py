@@ -19,6 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import reports
+
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
@@ -66,6 +68,7 @@ def detect_flow(sources: list[str], out: str, settings: dict, image_root: str | 
     """
     from detector.pipeline import run_lock
 
+    reports.project_logs()
     with run_lock(out) as run_id:
         return _detect_locked(sources, out, settings, image_root, shard_size, fresh, run_id)
 
@@ -80,10 +83,12 @@ def _detect_locked(sources, out, settings, image_root, shard_size, fresh, run_id
         logger.info("box table %s is already complete for these inputs and detector (run %s): skipped",
                     plan["out"], plan["fingerprint"][:12])
         register_task(plan["out"])
+        reports.publish_boxes(plan["out"], plan["manifest"])
         return {**plan["manifest"], "_skipped": True}
     pending = plan["pending"]
     logger.info("run %s: %d images in %d shards, %d to compute", plan["fingerprint"][:12], plan["n_images"],
                 plan["n_shards"], len(pending))
+    progress = reports.Progress("detect-progress", f"Detection: {len(pending)} shards of {plan['out']}")
     futures = shard_task.map(plan["out"], pending)
     done_images = 0
     todo_images = sum(min(plan["n_images"], (i + 1) * shard_size) - i * shard_size for i in pending)
@@ -93,8 +98,10 @@ def _detect_locked(sources, out, settings, image_root, shard_size, fresh, run_id
         logger.info("shard %d done (%d/%d shards, %d/%d images, %.0f%%): %d boxes, %d rejects",
                     res["shard"], k, len(pending), done_images, todo_images,
                     100.0 * done_images / max(todo_images, 1), res["boxes"], res["rejects"])
+        progress(done_images / max(todo_images, 1), f"{k}/{len(pending)} shards, {done_images}/{todo_images} images")
     manifest = finalize_task(plan["out"], pending, started, run_id)
     register_task(plan["out"])
+    reports.publish_boxes(plan["out"], manifest)
     t = manifest["totals"]
     logger.info("detect: %d images: %d rows (%d boxes), %d rejects -> %s", t["images"], t["rows"], t["boxes"],
                 t["rejects"], plan["out"])

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import reports
 from mgllava.eval.evaluate import DEFAULT_MAX_WORKERS
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -47,16 +49,24 @@ def evaluate(model_dir: str, preset: str | None = None, config_file: str | None 
     """
     from mgllava.config import load_config
     from mgllava.eval.evaluate import evaluate as evaluate_model
+    from mgllava.eval.runner import new_run_id
 
+    reports.project_logs()
     config = load_config(preset=preset, path=config_file, overrides=overrides or [])
-    return evaluate_model(config, model_dir, benchmarks, run_id, warehouse, run_ready=_as_prefect_tasks)
+    run_id = run_id or new_run_id()
+    rows = evaluate_model(config, model_dir, benchmarks, run_id, warehouse, run_ready=_as_prefect_tasks)
+    reports.publish_scores(rows, Path(config.work_dir) / "eval" / run_id)
+    return rows
 
 
 def _as_prefect_tasks(run, plans):
-    """Each ready benchmark as a Prefect task on the flow's task runner, yielded as it finishes."""
+    """Each ready benchmark as a Prefect task on the flow's task runner, yielded as it finishes (with a
+    progress artifact over the benchmarks)."""
+    progress = reports.Progress("evaluate-progress", f"Evaluation {run.run_id}: {len(plans)} benchmarks", interval=0)
     futures = {benchmark_task.submit(plan.name, asdict(plan), run.include_path, run.model_kwargs, run.limit,
                                      run.output_dir): plan for plan in plans}
-    for future in as_completed(list(futures)):
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        progress(done / len(futures), f"{done}/{len(futures)} benchmarks done ({futures[future].name} last)")
         yield futures[future], future.result
 
 

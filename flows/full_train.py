@@ -17,10 +17,10 @@ import datetime as dt
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from detector.inputs import default_sources
+from flows import reports
 from flows.detect import detect_flow
 from flows.evaluate import evaluate
 from mgllava.config import Config, load_config
@@ -47,7 +47,8 @@ def world_and_zoo(config: Config) -> dict:
 def train_detector(config: Config, key: str) -> dict:
     from mgllava.pipeline import train_detector as train
 
-    metrics = train(config)
+    metrics = train(config, progress=reports.Progress("detector-train-progress", "Detector training (epochs)"))
+    reports.publish_detector_training(metrics)
     get_run_logger().info("detector mAP50 %.3f on held-out images -> %s", metrics["map50"], metrics["weights"])
     return metrics
 
@@ -56,7 +57,8 @@ def train_detector(config: Config, key: str) -> dict:
 def train_stage(config: Config, stage: str, run_id: str, key: str) -> dict:
     from mgllava.train.launch import run_stage_job
 
-    return run_stage_job(config, stage, run_id, get_run_logger().info)
+    progress = reports.Progress(f"{stage}-progress", f"Training stage {stage} (run {run_id})")
+    return run_stage_job(config, stage, run_id, get_run_logger().info, progress=progress, quiet=True)
 
 
 @task(name="evaluate-model", cache_key_fn=_by_key, persist_result=True)
@@ -71,44 +73,16 @@ def _cached(logger, name: str, future_state) -> None:
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(config: Config, box_manifest: dict, stages: dict, scores: list[dict]) -> None:
-    from warehouse.db import connect
-
-    totals = box_manifest.get("totals", {})
-    create_markdown_artifact(
-        key="box-table",
-        markdown=(
-            f"### Box table\n\n`{config.data.boxes_dir}`\n\n| images | rows | boxes | rejects |\n|---|---|---|---|\n"
-            f"| {totals.get('images')} | {totals.get('rows')} | {totals.get('boxes')} | {totals.get('rejects')} |"
-        ),
-        description="Offline detection summary",
-    )
-    lines = ["| task | metric | value | n | status |", "|---|---|---|---|---|"]
-    for row in scores:
-        value = row.get("value")
-        lines.append(
-            f"| {row.get('task')} | {row.get('metric')} | {value if value is None else f'{value:.4f}'} "
-            f"| {row.get('n')} | {row.get('status')} |"
-        )
-    create_markdown_artifact(key="scores", markdown="### Scores\n\n" + "\n".join(lines), description="Benchmarks")
-    run_ids = sorted({s["run_id"] for s in stages.values() if s.get("run_id")})
-    with connect(read_only=False) as con:
-        curve = con.execute(
-            "SELECT stage, step, loss, lr FROM train_steps WHERE run_id IN (SELECT unnest(?)) ORDER BY stage DESC, step",
-            [run_ids],
-        ).fetchall()
-    create_table_artifact(
-        key="loss-curve",
-        table=[{"stage": s, "step": n, "loss": round(loss, 5), "lr": lr} for s, n, loss, lr in curve],
-        description="Training loss per optimizer step (SELECT stage, step, loss FROM train_steps ...)",
-    )
-    for stage, summary in stages.items():
-        target = summary.get("export_dir") or summary.get("trainable_weights")
-        if target:
-            create_link_artifact(key=f"{stage}-checkpoint", link=Path(target).as_uri(), link_text=target,
-                                 description=f"{stage} output")
+    """The run's pictures under ``<work_dir>/reports`` (and the box table's gallery), shown as artifacts."""
+    out = Path(config.work_dir) / "reports"
+    reports.publish_boxes(config.data.boxes_dir, box_manifest)
+    reports.publish_training(sorted({s["run_id"] for s in stages.values() if s.get("run_id")}), stages, out)
+    reports.publish_scores(scores, out)
 
 
-@flow(name="mgllava", flow_run_name="full-train-{preset}", log_prints=True)
+# log_prints stays off: the library logs through its loggers (reports.project_logs), and print() under it would
+# also send what third-party code prints, e.g. the bytecode that dill disassembles when `datasets` pickles
+@flow(name="mgllava", flow_run_name="full-train-{preset}", log_prints=False)
 def full_train(
     preset: str | None = "tiny",
     config_file: str | None = None,
@@ -125,6 +99,7 @@ def full_train(
     """
     from mgllava.train.job import new_run_id, resumable
 
+    reports.project_logs()
     logger = get_run_logger()
     extra = list(overrides or [])
     if work_dir:

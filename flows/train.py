@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows import reports
+
 
 def _stage_flow(stage: str, description: str):
     """The Prefect flow named ``stage`` that runs that training stage."""
@@ -25,12 +27,16 @@ def _stage_flow(stage: str, description: str):
         fresh: bool = False,
     ) -> dict:
         from mgllava.config import load_config
-        from mgllava.train.job import new_run_id
+        from mgllava.train.job import new_run_id, stage_dir
         from mgllava.train.launch import run_stage_job
 
+        reports.project_logs()
         logger = get_run_logger()
         config = load_config(preset=preset, path=config_file, overrides=overrides or [])
-        result = run_stage_job(config, stage, run_id or new_run_id(), logger.info, num_gpus, hostfile, fresh)
+        run_id = run_id or new_run_id()
+        progress = reports.Progress(f"{stage}-progress", f"Training stage {stage} (run {run_id})")
+        result = run_stage_job(config, stage, run_id, logger.info, num_gpus, hostfile, fresh, progress=progress,
+                               quiet=True)
         logger.info(
             "%s finished: %s steps, final loss %s; checkpoints in %s",
             stage,
@@ -38,6 +44,7 @@ def _stage_flow(stage: str, description: str):
             result.get("final_loss"),
             result.get("checkpoint_dir"),
         )
+        reports.publish_training([run_id], {stage: result}, stage_dir(config, stage))
         return result
 
     run_stage.__doc__ = description

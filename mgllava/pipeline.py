@@ -64,14 +64,15 @@ def detector_train_key(config: Config) -> str:
     return _digest("detector-train", config.detector.train.model_dump(), file_digest(world_manifest))
 
 
-def train_detector(config: Config) -> dict:
-    """Train the YOLO of ``detector.train`` on the world's YOLO dataset into ``work_dir/detector``."""
+def train_detector(config: Config, progress=None) -> dict:
+    """Train the YOLO of ``detector.train`` on the world's YOLO dataset into ``work_dir/detector``;
+    ``progress(fraction, message)`` after each epoch."""
     from detector.train import train_detector as train
 
     settings = config.detector.train
     return train(settings.data, Path(config.work_dir) / "detector", base=settings.base, epochs=settings.epochs,
                  imgsz=settings.imgsz, batch=settings.batch, min_map50=settings.min_map50,
-                 device=config.detector.device)
+                 device=config.detector.device, progress=progress)
 
 
 def needs_detector_training(config: Config) -> bool:

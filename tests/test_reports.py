@@ -66,3 +66,142 @@ def test_training_step_lines_are_read_back_as_progress():
     found = STEP_PATTERN.search(line)
     assert found.groupdict() == {"stage": "finetune", "step": "3", "total": "12", "loss": "0.4321",
                                  "lr": "2.000e-05", "samples_per_s": "7.50"}
+
+
+# ----------------------------------------------------------------------------- the flows' reports
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def boxy(tmp_path_factory):
+    """yolo11n with random weights and a raised class bias: it 'detects' boxes everywhere."""
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    model = YOLO("yolo11n.yaml")
+    with torch.no_grad():
+        for seq in model.model.model[-1].cv3:
+            seq[-1].bias[:5] = 3.0
+    path = tmp_path_factory.mktemp("det") / "boxy.pt"
+    model.save(str(path))
+    return str(path)
+
+
+def _run(flow_fn, **kwargs):
+    """Call a flow; ``(its result, its flow run id)``."""
+    state = flow_fn(**kwargs, return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def _artifacts(flow_run_id) -> dict:
+    """``{key: artifact}`` of a flow run (its tasks' included)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def _logs(flow_run_id) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the logs still queued in this process
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _embedded_png(artifact) -> bytes:
+    import base64
+    import re
+
+    found = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", artifact.data)
+    assert found, artifact.data[:200]
+    return base64.b64decode(found.group(1))
+
+
+@pytest.mark.slow
+def test_detect_flow_reports_its_shards_and_a_gallery(prefect_server, boxy, tiny_world, tmp_path):
+    from detector.model import DetectorSettings
+    from flows.detect import detect_flow
+
+    settings = DetectorSettings(model=boxy, conf=0.05, imgsz=160, device="cpu").to_json()
+    manifest, run = _run(detect_flow, sources=[str(tiny_world / "images" / "bench")], out=str(tmp_path / "boxes"),
+                         settings=settings, shard_size=4)
+    artifacts = _artifacts(run)
+    assert artifacts["detect-progress"].data == 100.0
+    png = tmp_path / "boxes" / "gallery.png"
+    assert _embedded_png(artifacts["box-table"]) == png.read_bytes()
+    _png(png)
+    assert f"| {manifest['totals']['images']} |" in artifacts["box-table"].data and "file://" not in artifacts["box-table"].data
+    shard_lines = [log for log in _logs(run) if log.name == "detector.pipeline" and log.message.startswith("shard ")]
+    assert len(shard_lines) == manifest["totals"]["images"] // 4 + bool(manifest["totals"]["images"] % 4)
+    assert all(log.task_run_id for log in shard_lines)  # in the detect-shard tasks' own logs
+
+
+@pytest.mark.slow
+def test_training_flows_report_progress_and_loss_curves(prefect_server, tiny_config, tmp_path):
+    from flows.train import finetune, pretrain
+
+    config = tiny_config.model_copy(deep=True)
+    config.train.pretrain.max_steps = config.train.finetune.max_steps = 2
+    config_file = str(config.save(tmp_path / "config.yaml"))
+    for flow_fn, stage in ((pretrain, "pretrain"), (finetune, "finetune")):
+        result, run = _run(flow_fn, config_file=config_file)
+        artifacts = _artifacts(run)
+        assert artifacts[f"{stage}-progress"].data == 100.0
+        assert f"{stage} step 2/2: loss" in artifacts[f"{stage}-progress"].description
+        loss_png = tmp_path / "work" / stage / "loss.png"
+        assert _embedded_png(artifacts["loss-curves"]) == loss_png.read_bytes()
+        _png(loss_png, size=(500, 360))  # one panel: this stage's
+        lines = [log.message for log in _logs(run)]
+        assert sum(f"{stage} step " in m and "samples/s" in m for m in lines) == 2  # each logged step, live
+        assert not any("it/s]" in m or "step/s]" in m for m in lines)  # no progress bar refreshes in the log
+
+
+@pytest.mark.slow
+def test_evaluate_flow_reports_progress_and_scores(prefect_server, tiny_config, boxy, tmp_path):
+    from flows.evaluate import evaluate
+    from mgllava.model import MGLLaVA
+
+    model_dir = str(MGLLaVA.from_config(tiny_config.model).export(tmp_path / "model"))
+    overrides = [f"work_dir={tiny_config.work_dir}", f"detector.model={boxy}", "detector.imgsz=160",
+                 "eval.max_new_tokens=2", "eval.limit=4", "data.boxes_dir=" + str(tmp_path / "no-table")]
+    config_file = str(tiny_config.save(tmp_path / "config.yaml"))
+    rows, run = _run(evaluate, model_dir=model_dir, config_file=config_file, overrides=overrides,
+                     benchmarks=["pope"], run_id="eval-reports", warehouse=str(tmp_path / "wh.duckdb"))
+    assert {r["status"] for r in rows} == {"completed"}
+    artifacts = _artifacts(run)
+    assert artifacts["evaluate-progress"].data == 100.0
+    png = tmp_path / "work" / "eval" / "eval-reports" / "scores.png"
+    assert _embedded_png(artifacts["scores"]) == png.read_bytes()
+    _png(png)
+    runner_lines = [log for log in _logs(run) if log.name == "mgllava.eval.runner"]
+    assert any(log.message.startswith("benchmark pope: 4 samples") and log.task_run_id for log in runner_lines)
+
+
+@pytest.mark.slow
+def test_full_train_does_not_send_prints_to_the_logs(prefect_server, tmp_path):
+    """`datasets` pickles with dill, which disassembles functions with print(): under log_prints that
+    bytecode went to the run's logs. The full-train flow keeps log_prints off."""
+    import datasets
+    from prefect import flow
+
+    from flows.full_train import full_train
+
+    @flow(log_prints=full_train.log_prints)
+    def save_a_dataset():
+        datasets.Dataset.from_dict({"a": [1, 2]}).save_to_disk(str(tmp_path / "d"))
+
+    _, run = _run(save_a_dataset)
+    assert not [log.message for log in _logs(run) if "LOAD_" in log.message or "RESUME" in log.message]

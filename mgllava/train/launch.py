@@ -53,8 +53,10 @@ def launch_command(
     num_gpus: int | None = None,
     hostfile: str | None = None,
     fresh: bool = False,
+    quiet: bool = False,
 ) -> list[str]:
-    """The ``deepspeed`` launcher command line for one stage (the config is written next to it)."""
+    """The ``deepspeed`` launcher command line for one stage (the config is written next to it); ``quiet``:
+    no progress bars in the job's output (its log lines remain)."""
     config_path = config.save(stage_dir(config, stage) / "config.yaml")
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     command = [launcher]
@@ -64,7 +66,7 @@ def launch_command(
         command += ["--num_gpus", str(num_gpus or 1)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())] if not hostfile else []
     command += ["--module", "mgllava.train", "--config", str(config_path), "--stage", stage, "--run-id", run_id]
-    return command + (["--fresh"] if fresh else [])
+    return command + (["--fresh"] if fresh else []) + (["--quiet"] if quiet else [])
 
 
 
@@ -117,15 +119,17 @@ def run_stage_job(
     hostfile: str | None = None,
     fresh: bool = False,
     progress: Callable[[float, str], None] | None = None,
+    quiet: bool = False,
 ) -> dict:
     """Check the stage's inputs, launch it under ``deepspeed``, stream its output; return its result.
 
-    Each logging step's line (loss, lr, samples/s) also goes to ``progress(fraction of the steps, line)``."""
+    Each logging step's line (loss, lr, samples/s) also goes to ``progress(fraction of the steps, line)``;
+    ``quiet`` leaves the progress bars out of the output (one line per refresh in a log)."""
     from warehouse.training import record_stage_failed
 
     check_stage_inputs(config, stage)
     with stage_lock(stage_dir(config, stage).resolve()) as lock:
-        command = launch_command(config, stage, run_id, num_gpus, hostfile, fresh)
+        command = launch_command(config, stage, run_id, num_gpus, hostfile, fresh, quiet)
         on_line("launching: " + " ".join(command))
         result: dict = {}
 
