@@ -166,8 +166,9 @@ def _run(args: argparse.Namespace) -> int:
     _use_running_server()
     from flows.full_train import full_train
 
-    rows = full_train(preset=args.preset, config_file=args.config, overrides=args.overrides,
-                      benchmarks=args.benchmarks, work_dir=args.work_dir, fresh=args.fresh)
+    preset = {"preset": args.preset} if args.preset else {}  # else the flow's default, the embedded one
+    rows = full_train(**preset, config_file=args.config, overrides=args.overrides, benchmarks=args.benchmarks,
+                      work_dir=args.work_dir, fresh=args.fresh)
     columns = ["task", "status", "metric", "value", "n", "reason"]
     print(format_table(columns, [tuple(r.get(c) for c in columns) for r in rows]))
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
