@@ -14,7 +14,7 @@ variant              granularities            what the model reads
 
 An ablation (the Prefect flow ``ablate``, ``mgllava ablate``) trains each chosen variant for each
 seed from one configuration: the same corpora, the same box table, the same data order and seed
-(:func:`variant_config` changes nothing else), evaluates each on the same benchmarks, and records
+(:func:`variant_overrides` changes nothing else), evaluates each on the same benchmarks, and records
 each variant's export in the warehouse (:func:`warehouse.ablation.record_variant`), whose
 :data:`warehouse.ablation.ABLATION_SQL` gives variant x benchmark x slice with the delta to the
 baseline and its standard error. :func:`comparison_markdown` and :func:`comparison_chart` present
@@ -62,15 +62,12 @@ def parse_variants(names) -> list[str]:
     return [v for v in VARIANTS if v in names or v == BASELINE]
 
 
-def variant_config(config, variant: str, seed: int):
-    """``config`` for one variant and seed: ``model.granularities`` and ``train.seed`` set, training output
-    under ``<train.output_dir>/ablation/<variant>/seed-<seed>``; everything else (corpora, boxes, recipe,
-    benchmarks) unchanged, so the variants see the same data in the same order."""
-    out = config.model_copy(deep=True)
-    out.model.granularities = list(VARIANTS[variant])
-    out.train.seed = seed
-    out.train.output_dir = str(Path(config.train.output_dir) / "ablation" / variant / f"seed-{seed}")
-    return out
+def variant_overrides(config, variant: str, seed: int) -> list[str]:
+    """``--set`` overrides that make ``config`` one variant and seed: ``model.granularities``, ``train.seed``
+    and the training output under ``<train.output_dir>/ablation/<variant>/seed-<seed>``; nothing else
+    changes (corpora, boxes, recipe, benchmarks), so the variants see the same data in the same order."""
+    out = Path(config.train.output_dir) / "ablation" / variant / f"seed-{seed}"
+    return [f"model.granularities=[{','.join(VARIANTS[variant])}]", f"train.seed={seed}", f"train.output_dir={out}"]
 
 
 def new_ablation_id() -> str:
@@ -140,8 +137,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ablate",
         help="the paper's ablation: train and evaluate each granularity variant, compare them by slice",
-        description="Run the Prefect flow of the deployment ablate in this process: the shared stages once "
-        "(world and tiny models, detector, boxes), then for each variant and seed pretrain -> finetune -> "
+        description="Run the Prefect flow of the deployment mgllava/ablate in this process: for each variant "
+        "and seed the full-train flow, whose shared stages (world and tiny models, detector, boxes) are "
+        "computed once and reused, then pretrain -> finetune -> "
         "evaluate with the same data, order and seed, and print the ablation table (variant x benchmark x "
         "slice, delta to the low-res-only baseline with its standard error; also in the warehouse, "
         "see docs/warehouse.md). Variants: " + ", ".join(VARIANTS) + ".",
@@ -149,14 +147,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(parser)
     parser.add_argument("--variants", type=comma_list(VARIANTS), metavar="A,B",
                         help=f"variants to train (default: all four; {BASELINE} is always included)")
-    parser.add_argument("--seeds", type=lambda text: [int(s) for s in comma_list()(text)], metavar="S,T",
+    parser.add_argument("--seeds", type=_seeds, metavar="S,T",
                         help="training seeds, each variant trained once per seed (default: config train.seed)")
     parser.add_argument("--benchmarks", type=comma_list(BENCHMARKS), metavar="A,B",
                         help="comma-separated benchmarks (default: config eval.tasks)")
     parser.add_argument("--work-dir", metavar="DIR", help="put every output under DIR (default: config work_dir)")
-    parser.add_argument("--warehouse", metavar="FILE", help="DuckDB file (default: $MGLLAVA_HOME/warehouse.duckdb)")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing results")
     parser.set_defaults(func=_run_cli)
+
+
+def _seeds(text: str) -> list[int]:
+    """Argument type: ``0,1,2`` -> ``[0, 1, 2]``."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()] or [int(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -166,6 +171,6 @@ def _run_cli(args: argparse.Namespace) -> int:
     load_config(preset=args.preset, path=args.config, overrides=overrides)  # a bad one fails here, at once
     rows = args.run_flow(preset=args.preset, config_file=args.config, overrides=args.overrides,
                          variants=args.variants, seeds=args.seeds, benchmarks=args.benchmarks,
-                         work_dir=args.work_dir, warehouse=args.warehouse, fresh=args.fresh)
+                         work_dir=args.work_dir, fresh=args.fresh)
     print(comparison_markdown(rows))
     return 0 if rows else 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import pytest
 
@@ -55,7 +57,8 @@ def _evaluated(db, checkpoint: str, task: str, answers: list[tuple[float, str | 
 
 def test_the_documented_query_gives_deltas_and_standard_errors(tmp_path) -> None:
     from mgllava.ablation import comparison_chart, comparison_markdown
-    from warehouse.ablation import COLUMNS, ablation_table, record_variant
+    from warehouse.ablation import ABLATION_SQL, COLUMNS, ablation_table, record_variant
+    from warehouse.eval import read_only_query
 
     db, config = tmp_path / "w.duckdb", load_config()
     small, text = ("small", False), (None, True)
@@ -77,6 +80,62 @@ def test_the_documented_query_gives_deltas_and_standard_errors(tmp_path) -> None
     assert by[("low", "gqa", "all")]["n"] == 6 and by[("low", "gqa", "all")]["delta"] is None  # the baseline
     assert by[("low+high+objects", "(all)", "all")]["accuracy"] == pytest.approx(4 / 6)
     assert {r["variant"] for r in rows} == {"low", "low+high+objects"}
+    documented = Path(__file__).parents[1].joinpath("docs", "warehouse.md").read_text().split("## Ablation")[1]
+    documented = documented.split("```sql\n")[1].split("```")[0]
+    assert documented.strip() == ABLATION_SQL + ";"  # docs/warehouse.md shows the query the code runs
+    columns, found = read_only_query(documented, db_path=db)
+    assert [dict(zip(columns, row)) for row in found] == rows
     table = comparison_markdown(rows)
     assert "| gqa | object:small | 4 | 0.250 ± 0.217 | 0.750 ± 0.217 (+0.500 ± 0.306) |" in table
     assert comparison_chart(rows, tmp_path / "ablation.png").stat().st_size > 1000
+
+
+def test_variant_overrides_change_only_the_variant_seed_and_output() -> None:
+    from mgllava.ablation import parse_variants, variant_overrides
+
+    base = load_config()
+    config = load_config(overrides=variant_overrides(base, "low+objects", 3))
+    assert config.model.granularities == ["low", "objects"] and config.train.seed == 3
+    assert config.train.output_dir == f"{base.train.output_dir}/ablation/low+objects/seed-3"
+    changed = {k for k, v in config.model_dump().items() if v != base.model_dump()[k]}
+    assert changed == {"model", "train"}
+    assert config.model.model_copy(update={"granularities": base.model.granularities}) == base.model
+    assert parse_variants("low+high+objects") == ["low", "low+high+objects"]  # the baseline always runs
+    with pytest.raises(ValueError, match="unknown variant"):
+        parse_variants(["low", "high"])
+
+
+@pytest.mark.slow
+def test_miniature_ablation_of_two_variants(tiny_world, tiny_zoo, tmp_path, capsys, monkeypatch) -> None:
+    """`mgllava ablate` (the ablate flow) on two variants: the shared stages once, each variant trained and
+    evaluated on the same questions, its export recording the variant, the table in the warehouse."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from mgllava.cli import main
+    from conftest import tiny_overrides
+    from warehouse.ablation import ablation_table
+    from warehouse.db import connect
+
+    overrides = [*tiny_overrides(tiny_world, tiny_zoo, tmp_path / "work"), "shapes=null",  # the session's kit
+                 "detector.train.epochs=1", "detector.train.min_map50=0", "detector.conf=0.01",
+                 "train.pretrain.max_steps=2", "train.finetune.max_steps=2", "eval.limit=6"]
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with prefect_test_harness(server_startup_timeout=180):
+        code = main(["ablate", "--variants", "low+high+objects", "--benchmarks", "pope",
+                     *(arg for item in overrides for arg in ("--set", item))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| benchmark | slice | n | low | low+high+objects |" in out
+    rows = ablation_table()
+    by = {(r["variant"], r["benchmark"], r["slice"]): r for r in rows}
+    assert by[("low", "pope", "all")]["n"] == by[("low+high+objects", "pope", "all")]["n"] == 6
+    full = by[("low+high+objects", "pope", "all")]
+    assert full["delta"] == pytest.approx(full["accuracy"] - by[("low", "pope", "all")]["accuracy"])
+    with connect(read_only=True) as con:
+        variants = con.execute("SELECT variant, granularities, checkpoint FROM ablation_variants ORDER BY variant").fetchall()
+        detectors = con.execute("SELECT count(*) FROM box_runs").fetchone()[0]
+        stages = con.execute("SELECT stage, count(*), min(steps), max(steps) FROM train_stages "
+                             "WHERE status = 'completed' GROUP BY stage ORDER BY stage").fetchall()
+    assert [v[0] for v in variants] == ["low", "low+high+objects"] and detectors == 1  # one box table for both
+    assert stages == [("finetune", 2, 2, 2), ("pretrain", 2, 2, 2)]
+    assert len({checkpoint for *_, checkpoint in variants}) == 2
