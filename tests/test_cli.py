@@ -104,10 +104,14 @@ def test_one_word_per_idea():
 
 def test_flow_parameters_use_the_same_words():
     """The flows' parameters (what a deployment run is given) use the CLI's words (read from the source)."""
+    def is_flow(node: ast.FunctionDef) -> bool:  # @flow(...), or the stage flows' run_stage (flow(...)(run_stage))
+        names = {ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in node.decorator_list}
+        return "flow" in names or node.name == "run_stage"
+
     params = {}
     for path in sorted((ROOT / "flows").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef):
+            if isinstance(node, ast.FunctionDef) and is_flow(node):
                 params[node.name] = {a.arg for a in node.args.args + node.args.kwonlyargs}
     assert "fresh" in params["detect_flow"] and "fresh" in params["full_train"] and "fresh" in params["run_stage"]
     assert {"benchmarks", "warehouse"} <= params["evaluate"] and "benchmarks" in params["full_train"]
