@@ -167,8 +167,14 @@ def _run(args: argparse.Namespace) -> int:
     from flows.full_train import full_train
 
     preset = {"preset": args.preset} if args.preset else {}  # else the flow's default, the embedded one
-    rows = full_train(**preset, config_file=args.config, overrides=args.overrides, benchmarks=args.benchmarks,
-                      work_dir=args.work_dir, fresh=args.fresh)
+    try:
+        rows = full_train(**preset, config_file=args.config, overrides=args.overrides, benchmarks=args.benchmarks,
+                          work_dir=args.work_dir, fresh=args.fresh)
+    except Exception as exc:  # a stage failed: Prefect has logged it in full above (-v: the traceback too)
+        if getattr(args, "verbose", False):
+            raise
+        print(f"mgllava run: failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     columns = ["task", "status", "metric", "value", "n", "reason"]
     print(format_table(columns, [tuple(r.get(c) for c in columns) for r in rows]))
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
