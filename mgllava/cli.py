@@ -108,7 +108,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"configuration preset ({', '.join(list_presets())}); default: tiny, the embedded default",
     )
-    source.add_argument("--config", metavar="FILE", help="YAML configuration file (instead of a preset)")
+    source.add_argument("--config", metavar="FILE", type=existing_path,
+                        help="YAML configuration file (instead of a preset)")
     group.add_argument(
         "--set",
         dest="overrides",

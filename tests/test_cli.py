@@ -44,6 +44,7 @@ USER_ERRORS = [
     (["down", "--everything"], "--everything"),
     (["status", "--last", "some"], "--last"),
     (["config", "--set", "model.nonsense=1"], "model.nonsense"),
+    (["config", "--config", NOPE + ".yaml"], "--config"),
     (["show-sample", "--stage", "both"], "--stage"),
     (["ablate", "--variants", "low,everything"], "--variants"),
 ]
