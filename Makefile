@@ -42,3 +42,10 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The Prefect UI in a headless Chromium (apt-get install chromium): the newest finished flow run on the
+# server `mgllava up` started must show the project's log lines and its pictures; screenshots of the run
+# page, its Artifacts tab and each picture under $MGLLAVA_HOME/ui-check (scripts/ui_check.py).
+.PHONY: ui-check
+ui-check: install
+	$(BIN)/python scripts/ui_check.py

@@ -153,7 +153,7 @@ RENDERED_IMAGES = """[...document.querySelectorAll('img')].filter(i => i.src.sta
   && i.complete && i.naturalWidth > 0).length"""
 
 
-def check(api_url: str, flow_run: dict, out: Path, chromium: str, ui_url: str) -> list[str]:
+def check(api_url: str, flow_run: dict, out: Path, chromium: str, ui_url: str, wait: float = 30.0) -> list[str]:
     """Screenshots of the run's Logs tab, Artifacts tab and each picture artifact's page; the problems found."""
     problems = []
     flow_run_id, name = flow_run["id"], flow_run["name"]
@@ -167,20 +167,20 @@ def check(api_url: str, flow_run: dict, out: Path, chromium: str, ui_url: str) -
     shots = []
     try:
         browser.open(f"{ui_url}/runs/flow-run/{flow_run_id}")
-        shown = browser.wait_for(PROJECT_LINE_SHOWN)
+        shown = browser.wait_for(PROJECT_LINE_SHOWN, wait)
         shots.append(browser.screenshot(out / f"{name}-logs.png"))
         if not shown:
             problems.append(f"the Logs tab shows no line of the project's loggers (screenshot {shots[-1]})")
-        if not browser.wait_for(CLICK_TAB % json.dumps("Artifacts")):
+        if not browser.wait_for(CLICK_TAB % json.dumps("Artifacts"), wait):
             problems.append("the flow run page has no Artifacts tab")
         keys = [a["key"] for a in pictures if a.get("key")]
-        listed = browser.wait_for(f"{json.dumps(keys)}.every(k => document.body.innerText.includes(k))")
+        listed = browser.wait_for(f"{json.dumps(keys)}.every(k => document.body.innerText.includes(k))", wait)
         shots.append(browser.screenshot(out / f"{name}-artifacts.png"))
         if not listed:
             problems.append(f"the Artifacts tab does not list all of {', '.join(keys)} (screenshot {shots[-1]})")
         for artifact in pictures:
             browser.open(f"{ui_url}/artifacts/artifact/{artifact['id']}")
-            rendered = browser.wait_for(f"({RENDERED_IMAGES}) >= {artifact['pictures']} && ({RENDERED_IMAGES})")
+            rendered = browser.wait_for(f"({RENDERED_IMAGES}) >= {artifact['pictures']} && ({RENDERED_IMAGES})", wait)
             time.sleep(0.5)  # let the pictures paint
             shots.append(browser.screenshot(out / f"{name}-{artifact.get('key') or artifact['id']}.png"))
             if (rendered or 0) < artifact["pictures"]:
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-url", help="Prefect API (default: the server `mgllava up` started, else $PREFECT_API_URL)")
     parser.add_argument("--flow-run", help="flow run id (default: the newest finished top-level run)")
     parser.add_argument("--out", help="folder for the screenshots (default $MGLLAVA_HOME/ui-check)")
+    parser.add_argument("--wait", type=float, default=30.0, help="seconds to wait for each page to show (default 30)")
     args = parser.parse_args(argv)
     chromium = find_chromium()
     if not chromium:
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     flow_run = _api(api_url, f"/flow_runs/{args.flow_run}") if args.flow_run else latest_finished_run(api_url)
     out = Path(args.out) if args.out else mgllava_home() / "ui-check"
-    problems = check(api_url, flow_run, out, chromium, api_url.rstrip("/").removesuffix("/api"))
+    problems = check(api_url, flow_run, out, chromium, api_url.rstrip("/").removesuffix("/api"),
+                     args.wait)
     for problem in problems:
         print(f"ui-check: {problem}", file=sys.stderr)
     return 1 if problems else 0
