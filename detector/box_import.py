@@ -33,7 +33,7 @@ totals reconcile:
 
 The table is written with detection's own writers under its run lock: plan, shards with their
 records, and :func:`detector.pipeline.finalize_run`'s verified, checksummed manifest, so
-:func:`detector.tables.read_box_index`, training and the warehouse read it like a detected table.
+:class:`detector.tables.BoxTable`, training and the warehouse read it like a detected table.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from detector import schema
-from detector.errors import RunConflictError
+from detector.errors import BoxTableError, RunConflictError
 from detector.images import Rejected, decode_image
-from detector.inputs import ImageRef, Inputs, image_ref, read_llava
+from detector.inputs import ImageEntry, Inputs, image_ref, read_llava
 from detector.model import params_json
 from detector.pipeline import (
     BOXES_DIR,
@@ -68,7 +68,7 @@ from detector.pipeline import (
     write_manifest,
     write_shard,
 )
-from detector.tables import MANIFEST_FILE, Detection, sha256_file
+from detector.tables import MANIFEST_FILE, BoxTable, Detection, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _read_json(path: Path, what: str):
 
 def join_entries(
     entries: list, records: list, image_root: Path, allow_absolute: bool, counts: ImportCounts
-) -> dict[str, tuple[ImageRef, list[Detection]]]:
+) -> dict[str, tuple[ImageEntry, list[Detection]]]:
     """Image key -> (its reference, the detections of its entry), counting every entry and record."""
     by_id: dict[str, list[Detection]] = {}
     for index, entry in enumerate(entries):
@@ -216,7 +216,7 @@ def join_entries(
             counts.note("duplicate_id", f"entry {index}: id {sample_id} again (the last entry is used)")
         by_id[sample_id] = detections
 
-    images_of: dict[str, dict[str, ImageRef]] = {}  # id -> image key -> ref, from the records
+    images_of: dict[str, dict[str, ImageEntry]] = {}  # id -> image key -> ref, from the records
     record_ids: list[str | None] = []  # per image record: its id (None: no usable id)
     for index, record in enumerate(records):
         if not isinstance(record, dict):
@@ -246,7 +246,7 @@ def join_entries(
         else:
             usable_ids.add(sample_id)
     counts.matched = len(usable_ids)
-    table: dict[str, tuple[ImageRef, list[Detection]]] = {}
+    table: dict[str, tuple[ImageEntry, list[Detection]]] = {}
     for sample_id in (i for i in images_of if i in usable_ids):  # corpus order: an image's first record wins
         (ref,) = images_of[sample_id].values()
         if ref.key not in table:
@@ -308,7 +308,8 @@ def import_boxes(
 ) -> ImportResult:
     """Import the reference box file ``boxes_file`` for the LLaVA JSON ``corpus`` (images under
     ``image_root``) as a box table in ``out`` (see the module docstring). A finished import of the same
-    files is skipped; ``out`` holding another table is refused unless ``overwrite``."""
+    files is skipped while its shards match their recorded sha256 (redone otherwise); ``out`` holding another
+    table is refused unless ``overwrite``."""
     boxes_file, corpus = Path(boxes_file).expanduser().resolve(), Path(corpus).expanduser().resolve()
     image_root = Path(image_root).expanduser().resolve()
     entries = _read_json(boxes_file, "box file")
@@ -337,7 +338,11 @@ def import_boxes(
     with run_lock(out) as run_id:
         old = read_manifest(out)
         if old is not None and old.get("fingerprint") == fingerprint and old.get("status") == "complete":
-            return ImportResult(out, old, skipped=True)
+            try:
+                BoxTable(out).verify()
+                return ImportResult(out, old, skipped=True)
+            except (BoxTableError, FileNotFoundError) as exc:
+                log.warning("the finished import in %s is redone: %s", out, exc)
         if old is not None and old.get("fingerprint") != fingerprint:
             if not overwrite:
                 raise RunConflictError(f"{out} already holds another box table (fingerprint "

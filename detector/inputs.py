@@ -54,7 +54,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True, order=True)
-class ImageRef:
+class ImageEntry:
+    """An image a source references: its key, and its file (or, for a refused key, ``refused:<reason>:...``)."""
+
     key: str
     path: str
 
@@ -83,7 +85,7 @@ class SourceSummary:
 
 @dataclass
 class Inputs:
-    images: list[ImageRef]  # sorted by key, distinct keys
+    images: list[ImageEntry]  # sorted by key, distinct keys
     sources: list[SourceSummary]
     references: int  # image references over all sources (before de-duplication)
     conflicts: int  # keys seen with more than one distinct file
@@ -127,25 +129,25 @@ def read_llava(path: Path) -> list:
     return data
 
 
-def image_ref(root: Path, value, allow_absolute: bool = False) -> ImageRef:
+def image_ref(root: Path, value, allow_absolute: bool = False) -> ImageEntry:
     """The reference of one ``image`` value under ``root``; a refused one carries its reason
     in ``path`` (:func:`detector.keys.refused_path`) and becomes a reject when loaded."""
     key = normalize_key(value, allow_absolute)
     if isinstance(key, str):
         file = resolve_key(root, key, allow_absolute)
         if not isinstance(file, KeyRefused):
-            return ImageRef(key, str(file))
+            return ImageEntry(key, str(file))
         key = file
     log.warning("image %r refused: %s", key.key, key.detail)
-    return ImageRef(key.key, refused_path(key))
+    return ImageEntry(key.key, refused_path(key))
 
 
 def llava_refs(
     path: Path, image_root: Path | None, allow_absolute: bool = False
-) -> tuple[list[ImageRef], SourceSummary]:
+) -> tuple[list[ImageEntry], SourceSummary]:
     root = (image_root or path.parent).resolve()
     entries = read_llava(path)
-    refs: list[ImageRef] = []
+    refs: list[ImageEntry] = []
     summary = SourceSummary("llava_json", str(path.resolve()), str(root), entries=len(entries))
     for entry in entries:
         image = entry.get("image") if isinstance(entry, dict) else None
@@ -163,7 +165,7 @@ def llava_refs(
 
 def folder_refs(
     path: Path, image_root: Path | None, allow_absolute: bool = False
-) -> tuple[list[ImageRef], SourceSummary]:
+) -> tuple[list[ImageEntry], SourceSummary]:
     folder = path.resolve()
     root = folder
     if image_root is not None:
@@ -231,7 +233,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def bench_refs(path: Path, root: Path, task: str | None = None) -> tuple[list[ImageRef], SourceSummary]:
+def bench_refs(path: Path, root: Path, task: str | None = None) -> tuple[list[ImageEntry], SourceSummary]:
     """Materialise a ``save_to_disk`` benchmark set's images under ``root`` and key them."""
     import datasets
 
@@ -239,7 +241,7 @@ def bench_refs(path: Path, root: Path, task: str | None = None) -> tuple[list[Im
     loaded = datasets.load_from_disk(str(path))
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
     root = root.resolve()
-    refs: list[ImageRef] = []
+    refs: list[ImageEntry] = []
     rows = unreadable = 0
     for split, ds in splits.items():
         if "image" not in ds.column_names:
@@ -262,7 +264,7 @@ def bench_refs(path: Path, root: Path, task: str | None = None) -> tuple[list[Im
                     target.unlink()
             else:
                 _write_if_changed(target, data)
-            refs.append(ImageRef(key, str(target)))
+            refs.append(ImageEntry(key, str(target)))
     summary = SourceSummary(
         "bench", str(path.resolve()), str(root), entries=rows, references=len(refs),
         extra={"task": task, "splits": [s for s in splits if s], "not_materialised": unreadable},
@@ -284,7 +286,7 @@ def collect_inputs(
     if not sources:
         raise ValueError("no input source given")
     root = Path(image_root) if image_root else None
-    all_refs: list[ImageRef] = []
+    all_refs: list[ImageEntry] = []
     summaries: list[SourceSummary] = []
     for source in sources:
         path = Path(source).expanduser()
@@ -322,7 +324,7 @@ def collect_inputs(
             "%d image keys refer to different files in different sources (e.g. %s); the smallest path is used",
             len(conflicts), sorted(conflicts)[0],
         )
-    images = [ImageRef(k, by_key[k]) for k in sorted(by_key)]
+    images = [ImageEntry(k, by_key[k]) for k in sorted(by_key)]
     return Inputs(images=images, sources=summaries, references=len(all_refs), conflicts=len(conflicts))
 
 

@@ -131,7 +131,9 @@ def torch_threads_kept():
         torch.set_num_threads(threads)
 
 
-def resolve_device(device: str) -> str:
+def ultralytics_device(device: str) -> str:
+    """Ultralytics' device spelling for ``device``: ``auto`` (or empty) is GPU ``0`` when CUDA is available,
+    else ``cpu``; anything else as given."""
     if device in ("auto", "", None):
         import torch
 
@@ -267,7 +269,7 @@ class Detector:
         self._class_filter: list[int] | None = None
         self._setup_classes()
         self.names = self._names()
-        self.device = resolve_device(settings.device)
+        self.device = ultralytics_device(settings.device)
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- classes

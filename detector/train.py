@@ -114,8 +114,8 @@ def train_detector(
     from detector.model import (
         file_sha256,
         load_weights,
-        resolve_device,
         torch_threads_kept,
+        ultralytics_device,
         ultralytics_safe_load,
     )
 
@@ -128,7 +128,7 @@ def train_detector(
     if not is_yaml and not base_path.is_file():
         raise DetectorError(f"base weights not found: {base} (weights cannot be downloaded here)")
     split = _heldout_split(data, _read_dataset_yaml(data))
-    device = resolve_device(device)
+    device = ultralytics_device(device)
     if out.exists():  # a fresh run: Ultralytics would otherwise resume or mix old and new files
         for name in ("weights", "results.csv", "args.yaml"):
             p = out / name

@@ -49,11 +49,11 @@ def evaluate(model_dir: str, preset: str | None = None, config_file: str | None 
     """
     from mgllava.config import load_config
     from mgllava.eval.evaluate import evaluate as evaluate_model
-    from mgllava.eval.runner import new_run_id
+    from mgllava.eval.runner import new_eval_run_id
 
     reports.project_logs()
     config = load_config(preset=preset, path=config_file, overrides=overrides or [])
-    run_id = run_id or new_run_id()
+    run_id = run_id or new_eval_run_id()
     rows = evaluate_model(config, model_dir, benchmarks, run_id, warehouse, run_ready=_as_prefect_tasks)
     reports.publish_scores(rows, Path(config.work_dir) / "eval" / run_id)
     return rows

@@ -4,9 +4,9 @@ world + tiny zoo (embedded default) -> detector (trained on the shapes world whe
 weights are given) -> detect -> pretrain -> finetune -> evaluate, then artifacts: the
 score table, the box-table summary, the loss curves and links to the checkpoints.
 
-Wiring only; every stage is a function of :mod:`mgllava.pipeline`, :mod:`detector`,
+Wiring only; every stage is a function of :mod:`mgllava.shapes`, :mod:`detector`,
 :mod:`mgllava.train` or :mod:`mgllava.eval`. Expensive stages are Prefect tasks
-cached on content keys (:mod:`mgllava.pipeline`): a re-run with the same inputs
+cached on content keys (:mod:`flows.keys`): a re-run with the same inputs
 shows them ``Cached`` and logs it; ``fresh=True`` recomputes. Training stages
 retry once and resume from their last checkpoint.
 """
@@ -23,15 +23,10 @@ from detector.inputs import default_sources
 from flows import reports
 from flows.detect import detect_flow
 from flows.evaluate import evaluate
-from mgllava.config import Config, load_config
-from mgllava.pipeline import (
-    detector_train_key,
-    evaluate_key,
-    needs_detector_training,
-    prepare_world_and_zoo,
-    reset_stage,
-    train_key,
-)
+from flows.keys import detector_train_key, evaluate_key
+from mgllava.config import Config, ConfigError, load_config
+from mgllava.lineage import train_key
+from mgllava.shapes import prepare
 
 
 def _by_key(context, parameters) -> str:
@@ -40,17 +35,37 @@ def _by_key(context, parameters) -> str:
 
 @task(name="world-and-zoo", cache_policy=NO_CACHE)  # both are idempotent on disk and log when they skip
 def world_and_zoo(config: Config) -> dict:
-    return prepare_world_and_zoo(config)
+    return prepare(config)
 
 
 @task(name="train-detector", cache_key_fn=_by_key, persist_result=True)
-def train_detector(config: Config, key: str) -> dict:
-    from mgllava.pipeline import train_detector as train
+def fit_detector(config: Config, key: str) -> dict:
+    """Train the YOLO of ``detector.train`` into ``work_dir/detector``: its metrics, ``weights`` the best."""
+    from detector.train import train_detector
 
-    metrics = train(config, progress=reports.Progress("detector-train-progress", "Detector training (epochs)"))
+    settings = config.detector.train
+    metrics = train_detector(
+        settings.data, Path(config.work_dir) / "detector", base=settings.base, epochs=settings.epochs,
+        imgsz=settings.imgsz, batch=settings.batch, min_map50=settings.min_map50, device=config.detector.device,
+        progress=reports.Progress("detector-train-progress", "Detector training (epochs)"))
     reports.publish_detector_training(metrics)
     get_run_logger().info("detector mAP50 %.3f on held-out images -> %s", metrics["map50"], metrics["weights"])
     return metrics
+
+
+def detector_weights(config: Config, refresh: dict, logger) -> str:
+    """``detector.model`` when it exists, else a detector trained on ``detector.train.data`` (the tiny
+    preset: the shapes world's labels) by the cached task :func:`fit_detector`: the weights to detect with."""
+    if Path(config.detector.model).exists():
+        return config.detector.model
+    if not config.detector.train.data:
+        raise ConfigError(
+            f"config field 'detector.model': weights not found: {config.detector.model} "
+            "(give weights, or detector.train.data to train a detector)"
+        )
+    state = fit_detector.with_options(**refresh)(config, key=detector_train_key(config), return_state=True)
+    _cached(logger, "train-detector", state)
+    return state.result()["weights"]
 
 
 @task(name="train-stage", task_run_name="train-{stage}", cache_key_fn=_by_key, persist_result=True, retries=1)
@@ -97,7 +112,7 @@ def full_train(
     ``key=value`` strings, ``benchmarks`` replaces ``eval.tasks``, ``work_dir`` moves every
     output, and ``fresh`` recomputes cached stages.
     """
-    from mgllava.train.job import new_run_id, resumable
+    from mgllava.train.job import new_run_id, reset_stage, resumable
 
     reports.project_logs()
     logger = get_run_logger()
@@ -112,14 +127,12 @@ def full_train(
     refresh = {"refresh_cache": True} if fresh else {}
 
     world_and_zoo(config)
-    if needs_detector_training(config):
-        state = train_detector.with_options(**refresh)(config, key=detector_train_key(config), return_state=True)
-        _cached(logger, "train-detector", state)
-        config.detector.model = state.result()["weights"]
+    weights = detector_weights(config, refresh, logger)
     from detector.model import DetectorSettings
 
-    settings = DetectorSettings.from_config(
-        config.detector, allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
+    settings = DetectorSettings.from_config(  # the weights passed on, the config left as loaded
+        config.detector, model=weights,
+        allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
     box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir, settings=settings,
                                image_root=config.data.image_root, fresh=True)  # a new detector redoes it
     run_id = new_run_id()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from detector.box_import import import_boxes
-from detector.tables import read_box_index
+from detector.tables import BoxTable
 from mgllava.cli import main
 from mgllava.config import ConfigError
 from mgllava.model.boxes import map_boxes_to_frame
@@ -103,10 +103,10 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
         "id c3", "id h9", "id h9", "record 8: no text or integer 'id'"]
     assert counts["examples"]["ambiguous_id"] == ["h9: its records name b.jpg, c.png"]
 
-    by_key, _ = read_box_index(root / "table")  # checks the manifest's per-shard sha256 too
-    assert by_key["coco/train2017/a.png"] == [(60.0, 20.0, 80.0, 40.0, pytest.approx(0.9), "tree"),
-                                              (10.0, 5.0, 50.0, 35.0, pytest.approx(0.4), "car")]
-    assert by_key["b.jpg"] == [(2.0, 3.0, 20.0, 30.0, pytest.approx(0.8), "grey square")]
+    table = BoxTable.open(root / "table")  # checks the manifest's per-shard sha256 too
+    assert table.get("coco/train2017/a.png") == [(60.0, 20.0, 80.0, 40.0, pytest.approx(0.9), "tree"),
+                                                 (10.0, 5.0, 50.0, 35.0, pytest.approx(0.4), "car")]
+    assert table.get("b.jpg") == [(2.0, 3.0, 20.0, 30.0, pytest.approx(0.8), "grey square")]
     rows = pq.read_table(root / "table" / "boxes").to_pylist()
     assert {(r["image_key"], r["width"], r["height"]) for r in rows} == {("coco/train2017/a.png", 80, 40),
                                                                          ("b.jpg", 30, 50)}
@@ -119,7 +119,7 @@ def test_import_counts_reconcile_and_reader_sees_the_boxes(imported, fault_ledge
 
 
 def test_imported_boxes_reach_a_training_sample_and_train(imported, tiny_config):
-    from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
     from mgllava.train.data import Collate
 
     root, records, _ = imported
@@ -133,7 +133,7 @@ def test_imported_boxes_reach_a_training_sample_and_train(imported, tiny_config)
 
     # one pretrain step on the imported boxes: the box projector learns from them
     torch.manual_seed(0)
-    model = MGLLaVA.from_config(tiny_config.model)
+    model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
     model.set_stage("pretrain")
     batch = Collate(processor)([dataset[0], dataset[1], dataset[4]])  # a1, 7 and a missing image
     assert [s.reason for s in batch.pop("skipped")] == ["missing"]
@@ -164,7 +164,7 @@ def test_cli_imports_then_skips_and_refuses_a_broken_file(tmp_path, capsys, faul
     assert len(errors) == 1 and "boxes.json" in errors[0] and "JSON list" in errors[0]
     (tmp_path / "boxes.json").write_text(json.dumps([_entry("nobody", [[0, 0, 1, 1]])]))
     assert main(args) == 2 and "none of its 1 entries matches" in capsys.readouterr().err
-    read_box_index(tmp_path / "table")  # the earlier table is untouched by the refused imports
+    BoxTable.open(tmp_path / "table")  # the earlier table is untouched by the refused imports
     fault_ledger.record("detect import: box file that is not a list", survived=True)
     fault_ledger.record("detect import: box file for another corpus", survived=True)
 
@@ -187,11 +187,24 @@ def test_import_that_dies_midway_is_refused_until_redone(tmp_path, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         import_boxes(*args, shard_size=1)
     with pytest.raises(BoxTableError, match="not finished"):
-        read_box_index(tmp_path / "table")
+        BoxTable.open(tmp_path / "table")
     with pytest.raises(ConfigError, match=r"data\.boxes_dir=.*not finished"):  # training: one configuration error
         load_boxes(tmp_path / "table")
     monkeypatch.setattr(box_import, "_rows", real_rows)
     redone = import_boxes(*args, shard_size=1)
     assert not redone.skipped and redone.manifest["totals"]["rows"] == 2
-    assert len(read_box_index(tmp_path / "table")[0]) == 2
+    assert len(BoxTable.open(tmp_path / "table")) == 2
     fault_ledger.record("detect import: killed between shards, then rerun", survived=True, rows_lost=0)
+
+
+def test_finished_import_with_a_damaged_shard_is_redone_not_skipped(tmp_path, caplog):
+    _corpus(tmp_path)
+    (tmp_path / "boxes.json").write_text(json.dumps(BOX_FILE))
+    args = (tmp_path / "boxes.json", tmp_path / "corpus.json", tmp_path / "images", tmp_path / "table")
+    first = import_boxes(*args)
+    shard = tmp_path / "table" / "boxes" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"!")
+    again = import_boxes(*args)
+    assert not again.skipped and f"{shard}: content sha256" in caplog.text
+    assert again.manifest["totals"] == first.manifest["totals"] and len(BoxTable.open(tmp_path / "table")) == 2
+    assert import_boxes(*args).skipped  # whole again: skipped

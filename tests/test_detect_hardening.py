@@ -153,7 +153,7 @@ def test_corrupted_shard_is_refused_by_readers_and_redone(tmp_path, caplog, faul
 
     from detector import pipeline
     from detector.errors import BoxTableError
-    from detector.tables import read_box_index
+    from detector.tables import BoxTable
 
     images = tmp_path / "images"
     make_images(images, 6)
@@ -163,7 +163,7 @@ def test_corrupted_shard_is_refused_by_readers_and_redone(tmp_path, caplog, faul
         for kind in ("boxes", "rejects"):
             data = (out / shard[f"{kind}_file"]).read_bytes()
             assert shard[f"{kind}_sha256"] == hashlib.sha256(data).hexdigest()
-    before, (by_key, _) = _rows(out), read_box_index(out)
+    before, by_key = _rows(out), BoxTable.open(out).keys()
     assert sorted(by_key) == [r["image_key"] for r in before]
 
     victim = out / "boxes" / "part-00001.parquet"
@@ -171,13 +171,13 @@ def test_corrupted_shard_is_refused_by_readers_and_redone(tmp_path, caplog, faul
     data[len(data) // 3] ^= 0x01  # one flipped bit: same size, the footer still parses
     victim.write_bytes(bytes(data))
     with pytest.raises(BoxTableError, match=f"{victim}: content sha256 .* differs"):
-        read_box_index(out)
+        BoxTable.open(out)
 
     with caplog.at_level(logging.WARNING, logger="detector.pipeline"):
         again = pipeline.run_detection([images], out, settings(conf=0.99), shard_size=3)
     assert not again.skipped and again.computed_shards == [1]
     assert f"shard 1 of {out} is redone: {victim}: content sha256" in caplog.text
-    assert _rows(out) == before and sorted(read_box_index(out)[0]) == sorted(by_key)
+    assert _rows(out) == before and BoxTable.open(out).keys() == by_key
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     fault_ledger.record("bit flip in a box shard", survived=_rows(out) == before)
 

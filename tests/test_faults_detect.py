@@ -19,7 +19,7 @@ from test_detect_flow import _same, _table
 
 from detector import pipeline
 from detector.errors import BoxTableError
-from detector.tables import read_box_index
+from detector.tables import BoxTable
 
 pytestmark = pytest.mark.slow  # each killed run is a fresh Python process importing torch and Ultralytics
 
@@ -93,7 +93,7 @@ def _assert_nothing_partial_visible(out: Path) -> None:
     for path in out.rglob("*.parquet"):
         pq.read_table(path)
     with pytest.raises(BoxTableError, match="not finished"):
-        read_box_index(out)
+        BoxTable.open(out)
 
 
 def _restart_and_compare(out: Path, images: Path, s, reference: Path, ref_manifest: dict, fault: str, ledger):
@@ -108,7 +108,7 @@ def _restart_and_compare(out: Path, images: Path, s, reference: Path, ref_manife
     t = res.manifest["totals"]
     assert t == ref_manifest["totals"] and t["rows"] + t["rejects"] == res.manifest["inputs"]["distinct_images"]
     assert not [p for p in out.rglob("*") if pipeline.TMP_MARK in p.name]
-    assert len(read_box_index(out)[0]) == t["rows"]
+    assert len(BoxTable.open(out)) == t["rows"]
     return res
 
 

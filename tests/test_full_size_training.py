@@ -382,7 +382,7 @@ def test_a_zero3_stage_saves_and_exports_whole_weights(tiny_config, tmp_path):
 
 def test_the_user_deepspeed_json_is_part_of_the_stage_content_key(tmp_path):
     """Checkpoints made under one DeepSpeed JSON are not resumed under another (a resume would mix them)."""
-    from mgllava.pipeline import train_key, train_key_parts
+    from mgllava.lineage import train_key, train_key_parts
 
     config = load_config()
     plain = train_key(config, "pretrain")

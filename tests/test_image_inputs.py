@@ -121,7 +121,7 @@ def test_allowing_absolute_paths_keeps_refusing_dot_dot():
 def test_detection_and_training_refuse_the_same_images_for_the_same_reasons(world, tmp_path, fault_ledger):
     from detector.model import DetectorSettings
     from detector.pipeline import run_detection
-    from detector.tables import read_box_index
+    from detector.tables import BoxTable
     from mgllava.train.data import ConversationDataset, Skipped, load_conversations
 
     corpus = tmp_path / "corpus.json"
@@ -131,7 +131,7 @@ def test_detection_and_training_refuse_the_same_images_for_the_same_reasons(worl
     totals = res.manifest["totals"]
     assert totals["rows"] + totals["rejects"] == res.manifest["inputs"]["distinct_images"] == len(CASES)
     assert totals["rows"] == 5  # a.png, b.png, cmyk.jpg, grey.png, palette.gif
-    by_key, _ = read_box_index(tmp_path / "boxes")
+    by_key = dict(BoxTable.open(tmp_path / "boxes").items())
     assert sorted(by_key) == ["img/a.png", "img/b.png", "img/cmyk.jpg", "img/grey.png", "img/palette.gif"]
 
     records, report = load_conversations(corpus)

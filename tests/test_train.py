@@ -291,3 +291,17 @@ def test_finetune_flow_fails_cleanly_when_the_job_fails(tiny_config, tmp_path):
             finetune(config_file=str(config_file), run_id="broken")
     assert info.value.returncode != 0
     assert any("trainable.safetensors" in line or "SafetensorError" in line for line in info.value.tail)
+
+
+def test_reset_stage_takes_the_stage_lock(tmp_path):
+    from mgllava.train.job import StageBusy, reset_stage, stage_dir, stage_lock
+
+    config = load_config(overrides=[f"work_dir={tmp_path}"])
+    out = stage_dir(config, "pretrain").resolve()
+    (out / "checkpoints").mkdir(parents=True)
+    with stage_lock(out):  # a run of the stage holds it: its checkpoints are not pulled from under it
+        with pytest.raises(StageBusy, match=f"{out} is in use by another run"):
+            reset_stage(config, "pretrain")
+    assert (out / "checkpoints").is_dir()
+    reset_stage(config, "pretrain")
+    assert not out.exists()

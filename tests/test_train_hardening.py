@@ -65,7 +65,7 @@ def test_a_changed_recipe_is_refused_before_the_model_loads(tiny_config, monkeyp
 
 
 def test_train_key_parts_name_the_changed_input(tiny_config):
-    from mgllava.pipeline import train_key, train_key_parts
+    from mgllava.lineage import train_key, train_key_parts
 
     before = train_key_parts(tiny_config, "pretrain")
     tiny_config.train.pretrain.lr *= 2

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from detector import schema
+from detector.tables import sha256_file
 from warehouse import db
 
 
@@ -39,6 +40,22 @@ def write_box_table(out, rows, rejects):
                 rcols[c].append(v)
         pq.write_table(pa.Table.from_pydict(rcols, schema=schema.rejects_schema("fp", shard)),
                        out / "rejects" / f"part-{shard:05d}.parquet")
+
+
+def write_manifest(out, **fields) -> dict:
+    """A finished run's ``manifest.json`` for the table in ``out``, with each shard's recorded sha256."""
+    shards = []
+    for part in sorted((out / "boxes").glob("*.parquet")):
+        shard = {}
+        for kind in ("boxes", "rejects"):
+            shard[f"{kind}_file"] = f"{kind}/{part.name}"
+            shard[f"{kind}_sha256"] = sha256_file(out / kind / part.name)
+        shards.append(shard)
+    manifest = {"fingerprint": "fp", "status": "complete", "schema_version": "1",
+                "detector": {"name": "YOLO:t", "weights_sha256": "ab", "params": {}},
+                "totals": {"images": 5, "rows": 4, "rejects": 1, "boxes": 5}, "shards": shards, **fields}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
 
 
 ROWS = [("a.png", ["circle", "circle", "star"]), ("b.png", []), ("c.png", ["square"]), ("d.png", [])]

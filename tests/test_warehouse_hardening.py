@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 
 import duckdb
 import pytest
-from test_warehouse import ROWS, write_box_table
+from test_warehouse import ROWS, write_box_table, write_manifest
 
 from mgllava.cli import main as cli
 from warehouse import db
@@ -43,10 +42,7 @@ def warehouse(tmp_path):
     """A warehouse with scores, and a registered box table whose views read Parquet from ``boxes/``."""
     box = tmp_path / "box table"
     write_box_table(box, ROWS, [("e.png", "empty")])
-    (box / "manifest.json").write_text(json.dumps({
-        "fingerprint": "fp", "status": "complete", "schema_version": "1",
-        "detector": {"name": "YOLO:t", "weights_sha256": "ab", "params": {}},
-        "totals": {"images": 5, "rows": 4, "rejects": 1, "boxes": 5}}))
+    write_manifest(box)
     path = tmp_path / "wh.duckdb"
     db.register_box_table(box, path)
     wh.write_task_result("r1", "/ckpt", completed("pope"), db_path=path)

@@ -381,7 +381,11 @@ def record_box_run(con: duckdb.DuckDBPyConnection, box_dir: str | Path) -> None:
 
 
 def register_box_table(box_dir: str | Path, path: str | Path | None = None) -> None:
-    """Record a finished box table in ``box_runs`` and point the box views at it (one transaction each)."""
+    """Record a finished box table in ``box_runs`` and point the box views at it (one transaction each),
+    once every shard matches the sha256 its manifest records (:meth:`detector.tables.BoxTable.verify`)."""
+    from detector.tables import BoxTable
+
+    BoxTable(box_dir).verify()
     with connect(path) as con:
         record_box_run(con, box_dir)
         create_box_views(con, box_dir)

@@ -5,8 +5,8 @@ For each image, in order:
 1. the Parquet box table (``detector/SCHEMA.md``) of ``boxes_dir``, joined on the image's
    content hash (``sha256`` of the stored PNG/JPEG bytes: the column the detection stage
    writes) or on an image key (the shapes world's sets hold keys such as
-   ``bench/000003.png`` in their image-id columns), normalised as detection keys
-   images (:func:`detector.keys.normalize_key`: ``./bench//000003.png`` finds the same row);
+   ``bench/000003.png`` in their image-id columns), normalised as detection normalises keys
+   (:meth:`detector.tables.BoxTable.get`: ``./bench//000003.png`` finds the same row);
 2. the on-the-fly detector cache: one small JSON file per image under
    ``<cache_dir>/<detector fingerprint>/``, keyed by the content hash (the bytes' sha256,
    or for an image that has no stored bytes the sha256 of its decoded pixels);
@@ -41,8 +41,7 @@ import numpy as np
 from PIL import Image
 
 from detector.errors import DetectorError
-from detector.keys import normalize_key
-from detector.tables import MANIFEST_FILE, Detection
+from detector.tables import MANIFEST_FILE, BoxTable, Detection
 from mgllava.model.boxes import Boxes
 
 log = logging.getLogger(__name__)
@@ -59,10 +58,6 @@ class BoxesUnavailable(SystemExit):
     task and still exits 0, stops with this message and exit status 1."""
 
 
-_INDEX_CACHE: dict[tuple, tuple[dict, dict]] = {}
-_INDEX_LOCK = threading.Lock()
-
-
 @dataclass
 class ImageRef:
     """One image to find boxes for: the decoded image, its stored bytes if known, candidate keys."""
@@ -70,11 +65,6 @@ class ImageRef:
     image: Image.Image
     raw: bytes | None = None
     keys: tuple[str, ...] = ()
-
-    def lookup_keys(self) -> list[str]:
-        """The candidate keys, normalised; a key the normaliser refuses finds nothing. Absolute
-        keys are kept: a lookup opens no file, and a table holds them only if detection allowed them."""
-        return [k for k in (normalize_key(key, allow_absolute=True) for key in self.keys) if isinstance(k, str)]
 
     def content_hash(self) -> str:
         if self.raw is not None:
@@ -88,18 +78,6 @@ def pixel_hash(image: Image.Image) -> str:
     h = hashlib.sha256(f"rgb:{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
-
-
-def read_box_table(box_dir: str | Path) -> tuple[dict[str, list[Detection]], dict[str, list[Detection]]]:
-    """:func:`detector.tables.read_box_index`, cached per set of shard files (benchmarks share it)."""
-    from detector.tables import read_box_index
-
-    files = sorted((Path(box_dir) / "boxes").glob("*.parquet"))
-    cache_key = tuple((str(f.resolve()), f.stat().st_mtime_ns) for f in files)
-    with _INDEX_LOCK:
-        if cache_key not in _INDEX_CACHE:
-            _INDEX_CACHE[cache_key] = read_box_index(box_dir)
-        return _INDEX_CACHE[cache_key]
 
 
 def detector_fingerprint(settings) -> str:
@@ -193,10 +171,9 @@ class BoxSource:
     def __init__(self, boxes_dir: str | Path | None = None, detector_settings=None,
                  cache_dir: str | Path | None = None, allow_missing: bool = False,
                  weights_sha256: str | None = None):
-        self.by_key: dict[str, list[Detection]] = {}
-        self.by_sha: dict[str, list[Detection]] = {}
+        self.table: BoxTable | None = None  # one instance per table and process: benchmarks share it
         if boxes_dir and (Path(boxes_dir) / "boxes").is_dir():
-            self.by_key, self.by_sha = read_box_table(boxes_dir)
+            self.table = BoxTable.open(boxes_dir)
         elif boxes_dir:
             log.warning("box table %s not found: every image's boxes come from the detector", boxes_dir)
         self.settings = detector_settings
@@ -230,9 +207,11 @@ class BoxSource:
         found: list[tuple[list[Detection], str] | None] = []
         digests = [ref.content_hash() for ref in refs]
         for ref, digest in zip(refs, digests):
-            hit = self.by_sha.get(digest) if ref.raw is not None else None
-            if hit is None:
-                hit = next((self.by_key[k] for k in ref.lookup_keys() if k in self.by_key), None)
+            hit = None
+            if self.table is not None:
+                hit = self.table.get_by_sha256(digest) if ref.raw is not None else None
+                if hit is None:  # the candidate keys, in order (a key the normaliser refuses finds nothing)
+                    hit = next((d for d in map(self.table.get, ref.keys) if d is not None), None)
             if hit is not None:
                 found.append((hit, "table"))
             elif self.cache_dir is not None and (cached := self._read_cache(digest)) is not None:

@@ -191,7 +191,7 @@ class EvalRun:
     output_dir: str
 
 
-def new_run_id() -> str:
+def new_eval_run_id() -> str:
     return datetime.now(timezone.utc).strftime("eval-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
@@ -229,7 +229,7 @@ def prepare_evaluation(config, model_dir: str | Path, tasks: list[str] | None = 
     model_dir = Path(model_dir).expanduser().resolve()
     if not (model_dir / EXPORT_CONFIG).is_file():
         raise FileNotFoundError(f"{model_dir} is not an exported MG-LLaVA directory (no {EXPORT_CONFIG})")
-    run_id = run_id or new_run_id()
+    run_id = run_id or new_eval_run_id()
     plans = plan_tasks(config, tasks)
     run_dir = Path(config.work_dir) / "eval" / run_id
     include_path = write_task_files(plans, run_dir / "tasks")

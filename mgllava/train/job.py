@@ -113,9 +113,10 @@ def check_stage_inputs(config: Config, stage: str) -> None:
 
 
 def load_boxes(boxes_dir: str | Path) -> dict:
-    """Image key -> :class:`Boxes` from the Parquet box tables; empty (with a warning) if there are none."""
+    """Image key -> :class:`Boxes` from the box table (:class:`detector.tables.BoxTable`); empty (with a
+    warning) if there is none. A table that cannot be trusted is one configuration error."""
     from detector.errors import BoxTableError
-    from detector.tables import read_box_index
+    from detector.tables import BoxTable
     from mgllava.model.boxes import Boxes
 
     boxes_dir = Path(boxes_dir)
@@ -126,15 +127,14 @@ def load_boxes(boxes_dir: str | Path) -> dict:
         log.warning("no box tables at %s: every image gets one all-zero box (one object token)", boxes_dir)
         return {}
     try:
-        by_key, _ = read_box_index(boxes_dir)
+        return {key: Boxes.from_detections(detections) for key, detections in BoxTable.open(boxes_dir).items()}
     except BoxTableError as exc:
         raise ConfigError(f"data.boxes_dir={boxes_dir}: {exc}") from None
-    return {key: Boxes.from_detections(detections) for key, detections in by_key.items()}
 
 
 def content_key(config: Config, stage: str) -> dict:
     """The stage's content key (config section, corpus, boxes, upstream weights) and its parts' digests."""
-    from mgllava.pipeline import train_key, train_key_parts
+    from mgllava.lineage import train_key, train_key_parts
 
     return {"key": train_key(config, stage), "parts": train_key_parts(config, stage)}
 
@@ -150,6 +150,16 @@ def resumable(config: Config, stage: str) -> bool:
     return True
 
 
+def reset_stage(config: Config, stage: str) -> None:
+    """Discard a training stage's checkpoints and outputs, so that it starts over; under the stage's lock
+    (:class:`StageBusy` while a run of the stage holds it)."""
+    import shutil
+
+    out = stage_dir(config, stage).resolve()
+    with stage_lock(out):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
     """Run one stage (resuming from its last checkpoint unless ``fresh``); return its result (rank 0).
 
@@ -158,7 +168,7 @@ def train(config: Config, stage: str, run_id: str | None = None, fresh: bool = F
     """
     import shutil
 
-    from mgllava.pipeline import box_table_fingerprint, corpus_digest
+    from mgllava.lineage import box_table_fingerprint, corpus_digest
     from mgllava.train.engine import check_content_key
     from warehouse import training as warehouse
 

@@ -1,0 +1,54 @@
+"""The flows are wiring: no SQL of their own, no configuration changed in place, the detector's weights
+passed on explicitly; cache keys from flows/keys.py over mgllava/lineage.py's digests."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from mgllava.config import ConfigError, load_config
+
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
+SQL = re.compile(r"\bSELECT\b.+\bFROM\b|\bINSERT\s+(OR\s+\w+\s+)?INTO\b|\bUPDATE\s+\w+\s+SET\b|\bDELETE\s+FROM\b",
+                 re.IGNORECASE | re.DOTALL)
+
+
+def _assigned_roots(tree: ast.AST) -> set[str]:
+    """The names at the root of every attribute or item assigned to (``config`` of ``config.a.b = ...``)."""
+    roots = set()
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            while isinstance(target, (ast.Attribute, ast.Subscript)):
+                target = target.value
+                if isinstance(target, ast.Name):
+                    roots.add(target.id)
+    return roots
+
+
+@pytest.mark.parametrize("path", sorted(FLOWS.glob("*.py")), ids=lambda p: p.name)
+def test_flows_run_no_sql_and_change_no_config_in_place(path):
+    tree = ast.parse(path.read_text())
+    sql = [n.value[:40] for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+           and SQL.search(n.value)]
+    assert not sql, f"{path.name} holds SQL (it belongs in warehouse/): {sql}"
+    assert "config" not in _assigned_roots(tree), f"{path.name} changes a loaded configuration in place"
+
+
+def test_detector_weights_are_the_configured_ones_or_a_clear_error(tmp_path):
+    from flows.full_train import detector_weights
+
+    weights = tmp_path / "det.pt"
+    weights.write_bytes(b"weights")
+    config = load_config(overrides=[f"work_dir={tmp_path}", f"detector.model={weights}"])
+    before = config.model_dump()
+    assert detector_weights(config, {}, logger=None) == str(weights)  # no training task when they exist
+    assert config.model_dump() == before
+    missing = load_config(overrides=[f"work_dir={tmp_path}", f"detector.model={tmp_path / 'none.pt'}",
+                                     "detector.train.data=null"])
+    with pytest.raises(ConfigError, match=r"'detector\.model': weights not found: .*none\.pt"):
+        detector_weights(missing, {}, logger=None)
