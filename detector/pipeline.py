@@ -260,6 +260,15 @@ def write_shard(out: Path, index: int, fingerprint: str, rows: dict, rejects: di
     atomic_write_table(boxes_table, out / BOXES_DIR / shard_file(index))
     _write_shard_record(out, index, fingerprint)
 
+
+def _write_after(previous: cf.Future | None, out: Path, index: int, fingerprint: str, rows: dict,
+                 rejects: dict) -> None:
+    """:func:`write_shard`, once the write before it succeeded (its error is raised instead)."""
+    if previous is not None:
+        previous.result()
+    write_shard(out, index, fingerprint, rows, rejects)
+
+
 def shard_problem(out: Path, index: int, fingerprint: str) -> str | None:
     """Why shard ``index`` is not a finished shard of the run ``fingerprint`` (None when it is): no record,
     another run's record, or a file whose bytes no longer hash to the recorded sha256."""
@@ -423,8 +432,10 @@ def _shard_counts(out: Path, index: int) -> tuple[int, int, int]:
     return boxes.num_rows, n_rejects, n_boxes
 
 
-def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Detect one shard of a prepared run (a no-op if it is already finished)."""
+def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | None = None,
+              write: Callable[[Path, int, str, dict, dict], None] = write_shard) -> ShardResult:
+    """Detect one shard of a prepared run (a no-op if it is already finished); ``write`` writes its files
+    (:func:`write_shard`, or a function that queues that call on another thread)."""
     out = Path(out).expanduser().resolve()
     manifest = read_manifest(out)
     if manifest is None:
@@ -502,7 +513,7 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
 
     if (read_manifest(out) or {}).get("run_id") != manifest.get("run_id"):  # e.g. a task outliving its run
         raise RunConflictError(f"shard {index}: another run took over {out} while it ran; its result is dropped")
-    write_shard(out, index, fingerprint, rows, rejects)
+    write(out, index, fingerprint, rows, rejects)
     n_boxes = sum(len(b) for b in rows["boxes"])
     seconds = time.perf_counter() - t0
     log.info("shard %d: %d images, %d boxes, %d rejects, %.1f images/s", index, len(items), n_boxes,
@@ -633,7 +644,19 @@ def _run_locked(sources, out, settings, image_root, shard_size, overwrite, progr
         if progress:
             progress(counter[0], plan.n_images)
 
-    for index in plan.pending:
-        run_shard(plan.out, index, progress=tick)  # logs its line
+    # Each shard's Parquet files are written by one writer thread, in shard order, while the next shard
+    # is detected; a failed write stops the writes after it and the run.
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect-write") as writer:
+        writes: list[cf.Future] = []
+
+        def write_later(*args) -> None:
+            writes.append(writer.submit(_write_after, writes[-1] if writes else None, *args))
+
+        for index in plan.pending:
+            if writes and writes[-1].done():
+                writes[-1].result()  # raises a failed write's error
+            run_shard(plan.out, index, progress=tick, write=write_later)  # logs its line
+        if writes:
+            writes[-1].result()
     manifest = finalize_run(plan.out, computed=plan.pending, started_at=started, run_id=run_id)
     return DetectResult(plan.out, manifest, skipped=False, computed_shards=list(plan.pending))

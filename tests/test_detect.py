@@ -234,8 +234,8 @@ def test_resume_after_kill_redoes_only_missing_shards(tmp_path, monkeypatch):
     computed = []
     real_run_shard = pipeline.run_shard
 
-    def spy(o, index, progress=None):
-        r = real_run_shard(o, index, progress)
+    def spy(o, index, progress=None, **kwargs):
+        r = real_run_shard(o, index, progress, **kwargs)
         computed.append((index, r.computed))
         return r
 

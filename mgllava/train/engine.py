@@ -27,17 +27,20 @@ two micro-batches), ``checkpoint`` (saved, not yet marked complete), ``warehouse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Full, Queue
 
 import torch
 
@@ -261,7 +264,8 @@ def run_stage(
     precision = resolve_precision(stage.precision)
     model.train()  # a loaded transformers model starts in eval mode, where it skips gradient checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay,
+                                  fused=fused_adamw_supported(trainable))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -279,8 +283,10 @@ def run_stage(
         batch_sampler=batches,
         collate_fn=collate,
         num_workers=num_workers,
-        persistent_workers=False,
+        pin_memory=engine.device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
     )
+    loaded = prefetch(iter(loader))  # the next batches load while this one trains
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     result = StageResult(
         steps=start_step,
@@ -297,53 +303,51 @@ def run_stage(
         disable=not progress or rank != 0,
     )
     step_started = time.perf_counter()  # wall time per step includes loading its data
-    for step, micro_batches in _group(iter(loader), plan, start_step):
-        losses, samples, tokens, skipped = [], 0, 0, 0
-        for batch in micro_batches:
-            result.skipped.update(item.reason for item in batch["skipped"])
-            skipped += len(batch.pop("skipped"))
-            n_tokens = batch.pop("n_tokens")
-            if batch["input_ids"].numel() == 0:  # every sample of this micro-batch was unusable
-                continue
-            loss = engine(**to_device(batch, engine.device, dtype)).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            samples += len(batch["input_ids"])
-            tokens += n_tokens
-            fault_point("step", step)
-        loss_sum, n_losses = sum(losses), len(losses)
-        if world_size > 1:
-            totals = torch.tensor([loss_sum, n_losses], dtype=torch.float64, device=engine.device)
-            torch.distributed.all_reduce(totals)
-            loss_sum, n_losses = totals.tolist()
-        elapsed = max(time.perf_counter() - step_started, 1e-9)
-        grad_norm = engine.get_global_grad_norm()
-        metrics = StepMetrics(
-            step=step,
-            loss=loss_sum / max(n_losses, 1),
-            lr=scheduler.get_last_lr()[0],
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            samples_per_s=samples * world_size / elapsed,
-            tokens_per_s=tokens * world_size / elapsed,
-            skipped=skipped,
-        )
-        result.metrics.append(metrics)
-        result.steps, result.final_loss = step, metrics.loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.lr:.2e}")
-        if rank == 0 and (step % stage.log_every == 0 or step == plan.total_steps):
-            log.info(STEP_LINE, stage_name, step, plan.total_steps, metrics.loss, metrics.lr, metrics.samples_per_s)
-            if on_metrics:
-                on_metrics([metrics])  # a resumed run re-logs the steps after its checkpoint: rows are replaced
-        if step % stage.save_every == 0 or step == plan.total_steps:
-            state = {"step": step, "skipped": dict(result.skipped), "loss": metrics.loss}
-            engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step}", client_state=state)  # ends in a barrier
-            fault_point("checkpoint", step)
-            if rank == 0:
-                (checkpoint_dir / f"step_{step}" / COMPLETE).write_text(json.dumps(state))
-                prune_checkpoints(checkpoint_dir, keep_checkpoints)
-        step_started = time.perf_counter()  # checkpoints and metric writes are not the next step's time
+    pending: list[_PendingStep] = []  # steps whose loss is still on the device (read at the next logging step)
+    with contextlib.closing(loaded):  # ends the prefetch thread, also when a step fails
+        for step, micro_batches in _group(loaded, plan, start_step):
+            loss_sum, n_losses, samples, tokens, skipped = torch.zeros((), device=engine.device), 0, 0, 0, 0
+            for batch in micro_batches:
+                result.skipped.update(item.reason for item in batch["skipped"])
+                skipped += len(batch.pop("skipped"))
+                n_tokens = batch.pop("n_tokens")
+                if batch["input_ids"].numel() == 0:  # every sample of this micro-batch was unusable
+                    continue
+                loss = engine(**to_device(batch, engine.device, dtype)).loss
+                engine.backward(loss)
+                engine.step()
+                loss_sum, n_losses = loss_sum + loss.detach().float(), n_losses + 1
+                samples += len(batch["input_ids"])
+                tokens += n_tokens
+                fault_point("step", step)
+            totals = torch.stack([loss_sum, torch.full((), float(n_losses), device=engine.device)])  # no host copy
+            if world_size > 1:
+                torch.distributed.all_reduce(totals)
+            elapsed = max(time.perf_counter() - step_started, 1e-9)
+            pending.append(_PendingStep(step, totals, scheduler.get_last_lr()[0], engine.get_global_grad_norm(),
+                                        samples * world_size / elapsed, tokens * world_size / elapsed, skipped))
+            result.steps = step
+            bar.update(1)
+            saving = step % stage.save_every == 0 or step == plan.total_steps
+            if step % stage.log_every == 0 or saving:
+                metrics = _resolve(pending)  # the one host sync of these steps
+                pending = []
+                result.metrics += metrics
+                last = metrics[-1]
+                result.final_loss = last.loss
+                bar.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
+                if rank == 0 and (step % stage.log_every == 0 or step == plan.total_steps):
+                    log.info(STEP_LINE, stage_name, step, plan.total_steps, last.loss, last.lr, last.samples_per_s)
+                if rank == 0 and on_metrics:
+                    on_metrics(metrics)  # a resumed run re-logs the steps after its checkpoint: rows are replaced
+            if saving:
+                state = {"step": step, "skipped": dict(result.skipped), "loss": result.final_loss}
+                engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step}", client_state=state)  # ends in a barrier
+                fault_point("checkpoint", step)
+                if rank == 0:
+                    (checkpoint_dir / f"step_{step}" / COMPLETE).write_text(json.dumps(state))
+                    prune_checkpoints(checkpoint_dir, keep_checkpoints)
+            step_started = time.perf_counter()  # checkpoints and metric writes are not the next step's time
     bar.close()
     if engine.zero_optimization_partition_weights():
         gather_partitioned_weights(engine, model, rank)
@@ -360,6 +364,81 @@ def gather_partitioned_weights(engine, model: torch.nn.Module, rank: int) -> Non
     if rank == 0:
         for name, parameter in model.named_parameters():
             parameter.data = state[name]
+
+
+def fused_adamw_supported(parameters: list[torch.Tensor]) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` runs on these parameters: all floating point on one
+    device type that has the fused kernel (CUDA, CPU, ...)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return bool(parameters) and all(
+        p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices() for p in parameters
+    )
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced up to ``depth`` ahead by a background thread (image decoding, resizing and
+    tokenising release the GIL often enough to overlap the step); an exception is raised where its
+    item would have been."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():  # the consumer may have stopped early
+            try:
+                queue.put(entry, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _PendingStep:
+    """A step's figures before its loss is read from the device."""
+
+    step: int
+    totals: torch.Tensor  # (2,): loss sum over the micro-batches, their number (all ranks)
+    lr: float
+    grad_norm: torch.Tensor | float | None
+    samples_per_s: float
+    tokens_per_s: float
+    skipped: int
+
+
+def _resolve(pending: list[_PendingStep]) -> list[StepMetrics]:
+    """The steps' :class:`StepMetrics`, their losses and gradient norms read from the device at once."""
+    norms = [torch.as_tensor(float("nan") if p.grad_norm is None else p.grad_norm, dtype=torch.float32,
+                             device=p.totals.device) for p in pending]
+    values = torch.cat([torch.stack([p.totals for p in pending]).float(), torch.stack(norms)[:, None]], 1).tolist()
+    return [
+        StepMetrics(step=p.step, loss=loss_sum / max(n, 1), lr=p.lr, grad_norm=norm, samples_per_s=p.samples_per_s,
+                    tokens_per_s=p.tokens_per_s, skipped=p.skipped)
+        for p, (loss_sum, n, norm) in zip(pending, values, strict=True)
+    ]
 
 
 def _group(batches: Iterator[dict], plan: StepPlan, start_step: int) -> Iterator[tuple[int, list[dict]]]:
