@@ -70,7 +70,7 @@ class Parser(argparse.ArgumentParser):
 def existing_path(text: str) -> str:
     """Argument type: a file or directory that exists."""
     if not Path(text).expanduser().exists():
-        raise argparse.ArgumentTypeError(f"{text} does not exist")
+        raise argparse.ArgumentTypeError(f"{text} not found")
     return str(Path(text).expanduser())
 
 
