@@ -4,10 +4,11 @@ The one reader of :mod:`detector.schema`'s tables, for everything that joins on 
 key (training, evaluation, the box-file import, the warehouse's box views). A box table is a
 directory: ``manifest.json`` (the finished run: its shards and their sha256) and the shards
 ``boxes/part-*.parquet`` and ``rejects/part-*.parquet``. Opening one refuses an unfinished run;
-reading refuses a shard of another schema version, a shard whose bytes differ from the sha256
-the manifest records for it (a corrupted or replaced file), a missing shard and a shard the run
-does not list, each with one :class:`~detector.errors.BoxTableError` line naming the file. A
-folder without a ``manifest.json`` (a table written by other means) is read unchecked.
+reading refuses a shard of another schema version or other column types, a shard whose bytes
+differ from the sha256 the manifest records for it (a corrupted or replaced file), a missing
+shard and a shard the run does not list, each with one :class:`~detector.errors.BoxTableError`
+line naming the file. A folder without a ``manifest.json`` (a table written by other means) is
+read unchecked.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import pyarrow.parquet as pq
 
 from detector.errors import BoxTableError
 from detector.keys import normalize_key
-from detector.schema import META_SCHEMA_VERSION, SCHEMA_VERSION
+from detector.schema import BOXES_FIELDS, META_SCHEMA_VERSION, SCHEMA_VERSION
 
 Detection = tuple[float, float, float, float, float, str]  # x1, y1, x2, y2, score, label
 
 MANIFEST_FILE = "manifest.json"
 READ_COLUMNS = ("image_key", "sha256", "boxes")
+_READ_TYPES = {f.name: f.type for f in BOXES_FIELDS if f.name in READ_COLUMNS}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -56,9 +58,10 @@ class BoxTable:
 
     ``BoxTable.open(dir)`` gives the process' shared instance with its rows read, checked and
     indexed (the benchmarks of one evaluation read a table once); ``BoxTable(dir)`` reads the
-    manifest only, and its rows on the first lookup. Lookups: ``table.get(key)`` by image key (any spelling :func:`detector.keys.normalize_key`
-    accepts: ``./img//a.png`` finds ``img/a.png``), ``table.get_by_sha256(digest)`` by the image
-    bytes' sha256. :meth:`verify` checks every shard's checksum without parsing rows.
+    manifest only, and its rows on the first lookup. Lookups: ``table.get(key)`` by image key (any
+    spelling :func:`detector.keys.normalize_key` accepts: ``./img//a.png`` finds ``img/a.png``),
+    ``table.get_by_sha256(digest)`` by the image bytes' sha256. :meth:`verify` checks every shard's
+    checksum without parsing rows.
     """
 
     _cache: dict[Path, tuple[tuple, BoxTable]] = {}  # directory -> (its files' stats, the table)
@@ -159,6 +162,10 @@ class BoxTable:
             if version != SCHEMA_VERSION:
                 raise BoxTableError(f"{file}: box table schema version {version!r}, this reader knows "
                                     f"{SCHEMA_VERSION!r}")
+            wrong = [f"{c} is {table.schema.field(c).type}" for c in READ_COLUMNS
+                     if not table.schema.field(c).type.equals(_READ_TYPES[c])]
+            if wrong:
+                raise BoxTableError(f"{file}: not the box table schema {SCHEMA_VERSION} ({'; '.join(wrong)})")
             for key, sha, boxes in zip(*(table.column(c).to_pylist() for c in READ_COLUMNS)):
                 detections = [(b["x1"], b["y1"], b["x2"], b["y2"], b["score"], b["label"]) for b in boxes]
                 by_key[key] = detections

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_warehouse import ROWS, write_box_table, write_manifest
@@ -29,12 +30,17 @@ def test_lookup_by_key_and_sha256_and_one_shared_instance(table_dir):
     assert BoxTable.open(table_dir) is table  # training and every benchmark share one read
 
 
-def test_other_schema_version_is_refused_naming_the_shard(table_dir):
+def test_other_schema_version_or_column_type_is_refused_naming_the_shard(table_dir):
     shard = table_dir / "boxes" / "part-00001.parquet"
     old = pq.read_table(shard)
     pq.write_table(old.replace_schema_metadata({b"mgllava.schema_version": b"0"}), shard)
     write_manifest(table_dir)  # checksums match: only the version is wrong
     with pytest.raises(BoxTableError, match=rf"^{shard}: box table schema version '0', this reader knows '1'$"):
+        BoxTable.open(table_dir)
+    retyped = old.set_column(old.schema.get_field_index("sha256"), "sha256", pa.array(range(old.num_rows)))
+    pq.write_table(retyped.replace_schema_metadata(old.schema.metadata), shard)
+    write_manifest(table_dir)
+    with pytest.raises(BoxTableError, match=rf"^{shard}: not the box table schema 1 \(sha256 is int64\)$"):
         BoxTable.open(table_dir)
 
 
