@@ -185,7 +185,7 @@ def check_content_key(checkpoint_dir: Path, content_key: dict, stage_name: str) 
             raise ResumeRefused(
                 f"{stage_name}: the checkpoints in {checkpoint_dir} {what}; resuming them would train the "
                 f"wrong run. Start the stage over with `mgllava train --stage {stage_name} --fresh` "
-                f"(in the flow: force=True), or delete {checkpoint_dir.parent}"
+                f"(in the flows: fresh=True), or delete {checkpoint_dir.parent}"
             )
         return
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
