@@ -12,13 +12,14 @@ Measures, on the CPU (or a GPU with ``--device cuda``), with random weights:
    ``torch.cuda.max_memory_allocated``).
 
 A step is one pretrain-stage forward + backward (trainable: fusion, projector, box projector)
-on ``--batch`` samples of one image with ``--boxes`` boxes each. Prints results; writes nothing
-outside a temporary directory.
+on ``--batch`` samples of one image with ``--boxes`` boxes each. Prints results, the last line one
+JSON object with every figure; writes nothing outside a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import threading
@@ -33,7 +34,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mgllava.model import (  # noqa: E402
-    MGLLaVA,
+    Boxes,
+    MGLLaVAConfig,
+    MGLLaVAForConditionalGeneration,
     MGLLaVAProcessor,
     pool_object_features,
     random_full_size_encoders,
@@ -86,25 +89,26 @@ def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
     return PeakCUDA() if device.type == "cuda" else PeakRSS()
 
 
-def build_tiny(root: Path) -> MGLLaVA:
+Model = MGLLaVAForConditionalGeneration
+
+
+def build_tiny(root: Path) -> tuple[Model, MGLLaVAProcessor]:
     from mgllava.config import load_config
     from mgllava.shapes.world import generate_world
     from mgllava.shapes.zoo import build_zoo
 
     generate_world(root / "world", n_images=24, seed=0, progress=False)
     build_zoo(root / "zoo", root / "world", 256, 112, 512)
-    return MGLLaVA.from_config(load_config("tiny", overrides=[f"work_dir={root}"]).model)
+    config = load_config("tiny", overrides=[f"work_dir={root}"]).model
+    return Model.from_config(config), MGLLaVAProcessor.from_config(config)
 
 
-def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
+def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: int) -> tuple[Model, MGLLaVAProcessor]:
     """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = tiny.config.model_copy(deep=True)
-    config.vision.high_res, config.vision.low_res, config.roi_output = 768, 336, 56
-    config.max_length = 2048
     low_res_encoder, high_res_encoder = random_full_size_encoders()
-    tokenizer = tiny.processor.tokenizer
+    tokenizer = tiny_processor.tokenizer
     llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),
@@ -118,13 +122,18 @@ def build_full_vision(tiny: MGLLaVA, llm_width: int) -> MGLLaVA:
     )
     processor = MGLLaVAProcessor(
         tokenizer,
-        config.llm.template,
+        tiny.config.template,
         768,
-        tiny.processor.image_mean,
-        tiny.processor.image_std,
+        tiny_processor.image_mean,
+        tiny_processor.image_std,
         max_text_length=2048 - 576,
+        image_seq_length=576,
     )
-    return MGLLaVA(config, llm, processor, low_res_encoder, high_res_encoder)
+    config = MGLLaVAConfig(
+        text_config=llm.config, vision_config=low_res_encoder.clip.config, template=tiny.config.template,
+        high_res=768, low_res=336, roi_output=56, max_length=2048, object_features=tiny.config.object_features,
+    )
+    return Model(config, llm, low_res_encoder, high_res_encoder), processor
 
 
 def random_boxes(n: int, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -134,23 +143,23 @@ def random_boxes(n: int, side: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([xy, xy + wh], dim=1)
 
 
-def make_batch(model: MGLLaVA, batch_size: int, n_boxes: int) -> dict:
+def make_batch(processor: MGLLaVAProcessor, batch_size: int, n_boxes: int) -> dict:
     generator = torch.Generator().manual_seed(0)
-    side = model.config.vision.high_res
+    side = processor.high_res
     image = Image.new("RGB", (side, side))
     records = []
     for _ in range(batch_size):
-        record = model.processor(
+        record = processor(
             [("human", "<image>\nDescribe the image."), ("gpt", "A few shapes on a plain background.")],
             [image],
+            [Boxes(random_boxes(n_boxes, side, generator))],
         )
         record["pixel_values"] = torch.randn(1, 3, side, side, generator=generator)
-        record["boxes"] = [random_boxes(n_boxes, side, generator)]
         records.append(record)
-    return model.processor.collate(records)
+    return processor.collate(records)
 
 
-def time_step(model: MGLLaVA, batch: dict, reps: int) -> tuple[float, int]:
+def time_step(model: Model, batch: dict, reps: int) -> tuple[float, int]:
     """Median seconds per sample of forward + backward, and the peak memory increase of one step."""
     model.set_stage("pretrain")
     model.train()
@@ -168,8 +177,8 @@ def time_step(model: MGLLaVA, batch: dict, reps: int) -> tuple[float, int]:
     return per_sample, peak // len(batch["input_ids"])
 
 
-def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
-    side, roi = model.config.vision.high_res, model.config.roi_output
+def object_feature_memory(model: Model, n_boxes: int, reps: int) -> dict:
+    side, roi = model.config.high_res, model.config.roi_output
     pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(model.device)
     boxes = [random_boxes(n_boxes, side, torch.Generator().manual_seed(2))]
     with torch.no_grad():
@@ -199,16 +208,19 @@ def object_feature_memory(model: MGLLaVA, n_boxes: int, reps: int) -> None:
         f"  measured {'CUDA' if model.device.type == 'cuda' else 'RSS '}  direct {measured['direct'] / MiB:8.1f} MiB   lean {measured['lean'] / MiB:8.1f} MiB   "
         f"ratio direct/lean {measured['direct'] / max(measured['lean'], 1):5.1f}x"
     )
+    return {"analytic_mib": {"direct": direct_bytes / MiB, "lean": lean_bytes / MiB},
+            "measured_mib": {k: v / MiB for k, v in measured.items()}}
 
 
-def report(name: str, model: MGLLaVA, batch: dict, reps: int) -> None:
+def report(name: str, model: Model, batch: dict, reps: int) -> dict:
     seconds, peak = time_step(model, batch, reps)
-    tokens = model.prepare_inputs(**batch).attention_mask.sum(1).tolist()
+    tokens = batch["attention_mask"].sum(1).tolist()
     print(
         f"{name:<12} forward+backward {seconds:7.3f} s/sample   "
         f"peak {'CUDA' if model.device.type == 'cuda' else 'RSS'} increase {peak / MiB:8.1f} MiB/sample   "
         f"sequence lengths {tokens}"
     )
+    return {"s_per_sample": seconds, "peak_mib_per_sample": peak / MiB, "sequence_lengths": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {name}")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = build_tiny(Path(tmp)).to(device)
-        report("tiny", tiny, make_batch(tiny, args.batch, args.boxes), args.reps)
+        tiny, tiny_processor = build_tiny(Path(tmp))
+        tiny = tiny.to(device)
+        figures = {"benchmark": "model_step", "device": name, "batch": args.batch, "boxes": args.boxes}
+        figures["tiny"] = report("tiny", tiny, make_batch(tiny_processor, args.batch, args.boxes), args.reps)
         print(tiny.trainable_summary())
         if not args.skip_full:
-            full = build_full_vision(tiny, args.llm_width).to(device)
-            report("full vision", full, make_batch(full, args.batch, args.boxes), args.reps)
+            full, processor = build_full_vision(tiny, tiny_processor, args.llm_width)
+            full = full.to(device)
+            figures["full_vision"] = report("full vision", full, make_batch(processor, args.batch, args.boxes), args.reps)
             print(full.trainable_summary())
-            object_feature_memory(full, args.boxes, args.reps)
+            figures["object_features"] = object_feature_memory(full, args.boxes, args.reps)
+    print(json.dumps(figures))
     return 0
 
 

@@ -50,7 +50,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -63,13 +62,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from model_step import random_boxes  # noqa: E402  (benchmarks/model_step.py)
 
-from mgllava.config import LLMConfig, ModelConfig, StageConfig, VisionConfig  # noqa: E402
+from mgllava.config import StageConfig  # noqa: E402
 from mgllava.model import (  # noqa: E402
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     HighResEncoder,
     LowResEncoder,
-    MGLLaVA,
+    MGLLaVAConfig,
+    MGLLaVAForConditionalGeneration,
     MGLLaVAProcessor,
     downsample,
     random_full_size_encoders,
@@ -128,38 +128,40 @@ def tiny_encoders() -> tuple[LowResEncoder, HighResEncoder]:
     return LowResEncoder(clip, -2), HighResEncoder(timm.create_model("convnext_atto", pretrained=False))
 
 
-def build_model(size: str, stage: str, device: torch.device, object_features: str = "direct") -> MGLLaVA:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(
+    size: str, stage: str, device: torch.device, object_features: str = "direct"
+) -> tuple[MGLLaVAForConditionalGeneration, MGLLaVAProcessor]:
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     high_res, low_res, roi, max_length, llm_kwargs = SIZES[size]
-    config = ModelConfig(
-        llm=LLMConfig(path="(random weights)", template="vicuna_v1"),
-        vision=VisionConfig(
-            clip_path="(random weights)", convnext_path="(random weights)", high_res=high_res, low_res=low_res
-        ),
-        object_features=object_features,
-        roi_output=roi,
-        max_length=max_length,
-    )
     torch.manual_seed(0)
     with device:  # initialise the random weights where they will live
         low_res_encoder, high_res_encoder = random_full_size_encoders() if size == "full" else tiny_encoders()
         llm = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs))
     n_image_tokens = low_res_encoder.grid**2
-    # only ``collate`` is used (text is synthetic token ids): it needs the pad id alone
-    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    # only ``collate`` and the placeholder expansion are used (text is synthetic token ids): a
+    # three-token tokenizer gives the pad, BOS and EOS ids
+    specials = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(specials, unk_token="<pad>")),
+                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     processor = MGLLaVAProcessor(
-        tokenizer, "vicuna_v1", high_res, CLIP_MEAN, CLIP_STD, max_text_length=max_length - n_image_tokens
+        tokenizer, "vicuna_v1", high_res, CLIP_MEAN, CLIP_STD, max_text_length=max_length - n_image_tokens,
+        image_seq_length=n_image_tokens,
     )
-    model = MGLLaVA(config, llm, processor, low_res_encoder, high_res_encoder).to(device)
+    config = MGLLaVAConfig(text_config=llm.config, vision_config=low_res_encoder.clip.config, template="vicuna_v1",
+                           high_res=high_res, low_res=low_res, object_features=object_features, roi_output=roi,
+                           max_length=max_length)
+    model = MGLLaVAForConditionalGeneration(config, llm, low_res_encoder, high_res_encoder).to(device)
     model.set_stage(stage)
-    return model
+    return model, processor
 
 
 class SyntheticConversations(torch.utils.data.Dataset):
     """``n`` samples drawn from a pool of ``pool`` distinct ones (built up front)."""
 
-    def __init__(self, n: int, pool: int, high_res: int, vocab: int, text_tokens: int, boxes: int):
+    def __init__(self, processor: MGLLaVAProcessor, n: int, pool: int, high_res: int, vocab: int, text_tokens: int,
+                 boxes: int):
         generator = torch.Generator().manual_seed(0)
         self.n, self.items = n, []
         for _ in range(pool):
@@ -167,6 +169,7 @@ class SyntheticConversations(torch.utils.data.Dataset):
             input_ids[0], input_ids[min(35, text_tokens - 1)] = 1, IMAGE_TOKEN_INDEX  # BOS, then <image>
             labels = input_ids.clone()
             labels[:64] = IGNORE_INDEX  # system prompt + question + image: no loss
+            input_ids, labels = processor.expand_placeholders(input_ids, labels, [boxes])
             self.items.append(
                 {
                     "input_ids": input_ids,
@@ -183,7 +186,7 @@ class SyntheticConversations(torch.utils.data.Dataset):
         return self.items[index % len(self.items)]
 
 
-def count_flops(model: MGLLaVA, batch: dict, dtype: torch.dtype | None) -> tuple[int, int]:
+def count_flops(model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torch.dtype | None) -> tuple[int, int]:
     """(FLOPs of one forward + backward of ``batch``, FLOPs of the frozen towers' forward on one image)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,11 +201,11 @@ def count_flops(model: MGLLaVA, batch: dict, dtype: torch.dtype | None) -> tuple
     pixel_values = batch["pixel_values"][:1]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.high_res_encoder(pixel_values)
-        model.low_res_encoder(downsample(pixel_values, model.config.vision.low_res))
+        model.low_res_encoder(downsample(pixel_values, model.config.low_res))
     return step, counter.get_total_flops()
 
 
-def breakdown(model: MGLLaVA, batch: dict, dtype: torch.dtype | None, reps: int = 5) -> dict[str, float]:
+def breakdown(model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torch.dtype | None, reps: int = 5) -> dict[str, float]:
     """Median seconds per micro-batch of the parts of a step, timed outside the engine (after one warm-up):
     each frozen tower's forward, object-feature pooling by both methods, the whole image path
     (``encode_images``, no autograd), and the model's forward + backward (no optimizer)."""
@@ -211,7 +214,7 @@ def breakdown(model: MGLLaVA, batch: dict, dtype: torch.dtype | None, reps: int 
 
     batch = to_device(batch, model.device, dtype)
     pixel_values, boxes = batch["pixel_values"], batch["boxes"]
-    vision = model.config.vision
+    config = model.config
 
     def timed(fn) -> float:
         times = []
@@ -234,13 +237,13 @@ def breakdown(model: MGLLaVA, batch: dict, dtype: torch.dtype | None, reps: int 
     with torch.no_grad():
         parts["high-res tower forward"] = timed(lambda: model.high_res_encoder(pixel_values))
         parts["low-res tower forward"] = timed(
-            lambda: model.low_res_encoder(downsample(pixel_values, vision.low_res))
+            lambda: model.low_res_encoder(downsample(pixel_values, config.low_res))
         )
         maps = model.high_res_encoder(pixel_values)
         for method in ("direct", "lean"):
             parts[f"object features ({method})"] = timed(
                 lambda method=method, maps=maps: pool_object_features(
-                    maps, boxes, vision.high_res, model.config.roi_output, method
+                    maps, boxes, config.high_res, config.roi_output, method
                 )
             )
         del maps
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 8192^3 matmul: {measured_matmul:.0f} TFLOP/s (measured ceiling)", flush=True)
 
     started = time.perf_counter()
-    model = build_model(args.size, args.stage, device, args.object_features)
+    model, processor = build_model(args.size, args.stage, device, args.object_features)
     high_res, _, _, max_length, llm_kwargs = SIZES[args.size]
     n_image_tokens = model.low_res_encoder.grid**2
     text_tokens = args.text_tokens or max_length - n_image_tokens - args.boxes + 1
@@ -332,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = args.micro_batch * args.grad_accum
     n_samples = (args.warmup + args.steps) * global_batch
     dataset = SyntheticConversations(
-        n_samples, min(n_samples, 16), high_res, llm_kwargs["vocab_size"], text_tokens, args.boxes
+        processor, n_samples, min(n_samples, 16), high_res, llm_kwargs["vocab_size"], text_tokens, args.boxes
     )
-    collate = Collate(model.processor)
+    collate = Collate(processor)
     stage = StageConfig(
         global_batch=global_batch,
         micro_batch=args.micro_batch,
@@ -423,7 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
     memory = f"{results['peak_allocated_gib']:.1f} GiB" if peak else "n/a (cpu)"
     print(
         f"\n{args.size} {args.stage} micro-batch {args.micro_batch} x accum {args.grad_accum}, "
@@ -438,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<40} {seconds:.4f}")
         step = results["step_s_median"] / args.grad_accum
         print(f"  {'engine step - forward/backward':<40} {step - parts['model forward + backward']:.4f}")
+    print(json.dumps({"benchmark": "train_step_gpu", **results}))  # the last line: every figure
     return 0
 
 

@@ -1,6 +1,6 @@
 """``mgllava convert``: a published MG-LLaVA checkpoint (the reference's XTuner/mmengine format) into an
-export directory that :meth:`MGLLaVA.from_pretrained`, ``mgllava evaluate --model`` and ``mgllava chat``
-load, and whose ``mgllava_projectors.safetensors`` a finetune stage can start from.
+export directory (``save_pretrained``) that ``MGLLaVAForConditionalGeneration.from_pretrained``, the
+transformers Auto classes, ``mgllava evaluate --model`` and ``mgllava chat`` load.
 
 The reference saves ``model.state_dict()`` of its ``MultiFuseObjectLLaVAModel`` (frozen encoders left
 out) in one of two layouts:
@@ -30,10 +30,10 @@ model built from ``--llm/--clip/--convnext`` and the chosen preset raises :class
 the key. Rotary ``inv_freq`` buffers that older transformers saved are recomputed, so they are skipped
 (and counted).
 
-To finetune from the export, point ``model.llm.path``, ``model.vision.clip_path`` and
-``model.vision.convnext_path`` at its ``llm/``, ``clip/`` and ``convnext/`` folders and copy its
-``mgllava_projectors.safetensors`` to ``<train.output_dir>/pretrain/trainable.safetensors`` (the
-weights the finetune stage starts from).
+To finetune from the export, keep ``model.llm.path``, ``model.vision.clip_path`` and
+``model.vision.convnext_path`` at the checkpoints given to ``convert`` and copy the export's
+``model.safetensors`` (all weights; an export under 5 GB is one shard) to
+``<train.output_dir>/pretrain/trainable.safetensors`` (the weights the finetune stage starts from).
 
 Files are unpickled with ``torch.load(weights_only=True)``: tensors and plain containers only.
 mmengine also pickles training metadata beside the weights (``message_hub``'s ``HistoryBuffer``
@@ -251,12 +251,12 @@ def convert(checkpoint: str | Path, out: str | Path, model_config) -> dict:
     directories give the frozen parts and the shapes) and export it to ``out``; returns a summary."""
     import torch
 
-    from mgllava.model.modeling_mgllava import MGLLaVA
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
     state = load_reference_state_dict(checkpoint)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = floating[0] if floating and all(d == floating[0] for d in floating) else torch.float32
-    model = MGLLaVA.from_config(model_config, dtype=dtype)
+    model = MGLLaVAForConditionalGeneration.from_config(model_config, dtype=dtype)
     clip_size = model.low_res_encoder.clip.config.image_size
     if clip_size != model_config.vision.low_res:
         raise ConvertError(
@@ -267,7 +267,7 @@ def convert(checkpoint: str | Path, out: str | Path, model_config) -> dict:
     llm_part = {k[len(LLM_PREFIX):]: v for k, v in mapped.items() if k.startswith(LLM_PREFIX)}
     model.llm.load_state_dict(llm_part, strict=False)
     model.load_state_dict({k: v for k, v in mapped.items() if not k.startswith(LLM_PREFIX)}, strict=False)
-    model.export(out)
+    model.export(out, MGLLaVAProcessor.from_config(model_config))
     return {
         "checkpoint": str(checkpoint),
         "out": str(out),
@@ -287,7 +287,7 @@ def register_cli(subparsers) -> None:
         description="Read a reference MG-LLaVA checkpoint (mmengine .pth, optionally under 'state_dict'; a "
         "DeepSpeed checkpoint directory; or .safetensors) with the weights-only unpickler, map its keys "
         "(llm.*, projector.model.*, bbox_projector.model.*, fuse_module.*) onto MG-LLaVA, and write an "
-        "export directory (MGLLaVA.export) that evaluate/chat load and finetuning can start from. A key "
+        "export directory (save_pretrained) that evaluate/chat load and finetuning can start from. A key "
         "that maps nowhere, a missing weight or a wrong shape fails naming the key (exit 2).",
     )
     p.add_argument("--checkpoint", required=True, type=existing_path, metavar="PATH",

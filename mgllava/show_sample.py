@@ -37,8 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from mgllava.cli import UsageError, config_from_args
-    from mgllava.model import MGLLaVAProcessor
-    from mgllava.model.splice import IGNORE_INDEX
+    from mgllava.model import IGNORE_INDEX, MGLLaVAProcessor
     from mgllava.train.data import ConversationDataset, Skipped, prepare_record, read_corpus
     from mgllava.train.job import load_boxes
 
@@ -77,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
     else:
         print("image: none (a text-only record)")
-    input_ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    input_ids, labels = collapse_placeholders(sample["input_ids"].tolist(), sample["labels"].tolist())
     n_loss = sum(label != IGNORE_INDEX for label in labels)
     total = len(input_ids) - len(n_objects) + len(n_objects) * n_image_tokens + sum(n_objects)
     print(f"tokens: {len(input_ids)} text (budget {processor.max_text_length})"
@@ -93,10 +92,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def collapse_placeholders(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """The processor's expanded text (per image: N image and K object placeholders) back to the text it
+    tokenised: one ``IMAGE_TOKEN_INDEX`` per image."""
+    from mgllava.model import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
+
+    kept = [(token, label) for position, (token, label) in enumerate(zip(input_ids, labels))
+            if token != OBJECT_TOKEN_INDEX
+            and not (token == IMAGE_TOKEN_INDEX and position and input_ids[position - 1] == IMAGE_TOKEN_INDEX)]
+    return [token for token, _ in kept], [label for _, label in kept]
+
+
 def render(tokenizer, input_ids: list[int], labels: list[int], n_image_tokens: int, n_objects: list[int]) -> str:
     """The text of ``input_ids`` with each image placeholder shown as its spliced tokens and the
     runs of loss-bearing tokens (``labels`` not ``IGNORE_INDEX``) between the loss markers."""
-    from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from mgllava.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
     parts, run, run_trained, images = [], [], False, iter(n_objects)
 

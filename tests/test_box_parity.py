@@ -16,7 +16,16 @@ from conftest import tiny_overrides
 from PIL import Image
 
 from mgllava.config import load_config
-from mgllava.model import IGNORE_INDEX, Boxes, MGLLaVA, filter_boxes, pool_object_features, prepare_boxes
+from mgllava.model import (
+    IGNORE_INDEX,
+    OBJECT_TOKEN_INDEX,
+    Boxes,
+    MGLLaVAForConditionalGeneration,
+    MGLLaVAProcessor,
+    filter_boxes,
+    pool_object_features,
+    prepare_boxes,
+)
 from mgllava.model.boxes import map_boxes_to_frame
 
 
@@ -95,12 +104,22 @@ def test_zero_box_pools_the_corner_feature_cell_with_unaligned_roi_align(method)
 
 
 @pytest.fixture(scope="module")
-def parity_model(tiny_world, tiny_zoo):
+def parity_config(tiny_world, tiny_zoo):
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tiny_world.parent / "parity"))
     assert config.model.roi_aligned and config.model.object_tokens_in_max_length  # the tiny preset's choice
     config.model.roi_aligned = config.model.object_tokens_in_max_length = False  # the reference's
+    return config.model
+
+
+@pytest.fixture(scope="module")
+def parity_model(parity_config):
     torch.manual_seed(0)
-    return MGLLaVA.from_config(config.model).eval()
+    return MGLLaVAForConditionalGeneration.from_config(parity_config).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(parity_config):
+    return MGLLaVAProcessor.from_config(parity_config)
 
 
 IMAGE = Image.new("RGB", (320, 200), (120, 40, 200))
@@ -116,54 +135,55 @@ def _turns(answer_words: int) -> list[tuple[str, str]]:
     return [("human", "<image>\nDescribe the picture."), ("gpt", " ".join(["red square"] * answer_words))]
 
 
-def _splice(model: MGLLaVA, record: dict):
-    batch = model.processor.collate([record])
-    return model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                batch["boxes"], batch["labels"])
+def _text_length(record: dict) -> int:
+    """Tokens of the record's text before the expansion: the placeholders of each image count as one."""
+    ids = record["input_ids"]
+    return int((ids >= 0).sum()) + len(record["boxes"] or record.get("image_features", []))
 
 
-def test_text_near_its_budget_keeps_one_box_per_category(parity_model):
-    processor = parity_model.processor
+def test_text_near_its_budget_keeps_one_box_per_category(processor):
     short = processor(_turns(3), [IMAGE], [BOXES])
-    assert len(short["input_ids"]) < processor.max_text_length - 50 and len(short["boxes"][0]) == 6
+    assert _text_length(short) < processor.max_text_length - 50 and len(short["boxes"][0]) == 6
     long = processor(_turns(400), [IMAGE], [BOXES])
-    assert len(long["input_ids"]) == processor.max_text_length
+    assert _text_length(long) == processor.max_text_length
     assert len(long["boxes"][0]) == 3  # the best cat, dog and car, in that order
     torch.testing.assert_close(long["boxes"][0], short["boxes"][0][:3])
 
 
-def test_an_image_without_boxes_gets_one_object_token(parity_model):
-    record = parity_model.processor(_turns(3), [IMAGE], [None])
+def test_an_image_without_boxes_gets_one_object_token(parity_model, processor):
+    record = processor(_turns(3), [IMAGE], [None])
     assert record["boxes"][0].tolist() == [[0, 0, 0, 0]]
-    inputs = _splice(parity_model, record)
-    n_image_tokens = parity_model.config.max_length - parity_model.processor.max_text_length
-    assert int(inputs.attention_mask.sum()) == len(record["input_ids"]) - 1 + n_image_tokens + 1
+    n_image_tokens = parity_model.config.max_length - processor.max_text_length
+    assert n_image_tokens == processor.image_seq_length
+    assert int((record["input_ids"] == OBJECT_TOKEN_INDEX).sum()) == 1
+    assert len(record["input_ids"]) == _text_length(record) - 1 + n_image_tokens + 1
+    with torch.no_grad():
+        assert torch.isfinite(parity_model(**processor.collate([record])).loss)
 
 
 @pytest.mark.parametrize("fit", [False, True])
-def test_a_long_sample_keeps_its_answer_tokens_through_the_splice(parity_model, fit):
+def test_a_long_sample_keeps_its_answer_tokens_through_the_splice(parity_model, processor, fit):
     """The reference cuts the text to max_length - image tokens and splices the object tokens on top;
     with ``object_tokens_in_max_length`` the text is cut by the object tokens too, so the sequence fits
     ``max_length``. Either way every loss-carrying token of the processed text survives the splice."""
-    processor = parity_model.processor
     processor.object_tokens_in_max_length = fit
     try:
         record = processor(_turns(400), [IMAGE], [BOXES])
+        text_ids, text_labels = processor._fit_object_tokens(*processor._tokenize_record(_turns(400), 1), [3])
     finally:
         processor.object_tokens_in_max_length = False
     n_objects = len(record["boxes"][0])
     assert n_objects == 3
-    assert len(record["input_ids"]) == processor.max_text_length - (n_objects if fit else 0)
-    inputs = _splice(parity_model, record)
+    assert _text_length(record) == len(text_ids) == processor.max_text_length - (n_objects if fit else 0)
     max_length = parity_model.config.max_length
     # the placeholder token gives way to the image and object tokens
-    assert int(inputs.attention_mask.sum()) == max_length - 1 + (0 if fit else n_objects)
-    answer = record["labels"][record["labels"] != IGNORE_INDEX]
-    assert torch.equal(inputs.labels[inputs.labels != IGNORE_INDEX], answer)
+    assert len(record["input_ids"]) == max_length - 1 + (0 if fit else n_objects)
+    labels = record["labels"]
+    assert torch.equal(labels[labels != IGNORE_INDEX], text_labels[text_labels != IGNORE_INDEX])
 
 
-def test_roi_aligned_setting_reaches_the_object_features(parity_model):
-    pixel_values, boxes = parity_model.processor.process_image(IMAGE, BOXES)
+def test_roi_aligned_setting_reaches_the_object_features(parity_model, processor):
+    pixel_values, boxes = processor.process_image(IMAGE, BOXES)
     unaligned = parity_model.encode_frozen(pixel_values[None], [boxes]).box_features[0]
     parity_model.config.roi_aligned = True
     try:
@@ -178,10 +198,9 @@ def test_roi_aligned_setting_reaches_the_object_features(parity_model):
     assert not torch.allclose(aligned, unaligned)
 
 
-def test_cached_image_features_fit_the_object_tokens_too(parity_model):
+def test_cached_image_features_fit_the_object_tokens_too(parity_model, processor):
     """Training from cached frozen features (data.cache_image_features) cuts the text by the cached
     boxes' count as the image path does."""
-    processor = parity_model.processor
     pixel_values, boxes = processor.process_image(IMAGE, BOXES)
     features = parity_model.encode_frozen(pixel_values[None], [boxes])
     processor.object_tokens_in_max_length = True
@@ -189,5 +208,6 @@ def test_cached_image_features_fit_the_object_tokens_too(parity_model):
         record = processor.with_image_features(_turns(400), [features])
     finally:
         processor.object_tokens_in_max_length = False
-    assert len(record["input_ids"]) == processor.max_text_length - len(BOXES)
-    assert len(processor.with_image_features(_turns(400), [features])["input_ids"]) == processor.max_text_length
+    assert _text_length({**record, "boxes": []}) == processor.max_text_length - len(BOXES)
+    assert _text_length({**processor.with_image_features(_turns(400), [features]), "boxes": []}) == \
+        processor.max_text_length

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from mgllava.cli import main
 from mgllava.convert import ConvertError, convert
-from mgllava.model import Boxes, MGLLaVA
+from mgllava.model import Boxes, MGLLaVAForConditionalGeneration, MGLLaVAProcessor, answer_questions
 
 # reference name -> the attribute path of the same tensor in our model (the expectation, written out)
 REFERENCE_TO_OURS = {
@@ -64,7 +64,7 @@ def _reference_shapes(d: int, c4: int, c_total: int, width: int) -> dict[str, tu
 def reference_state(tiny_zoo):
     """A reference state dict at the tiny zoo's sizes: random projector/fusion weights, the zoo's LLM
     weights moved off their values (so a converted model cannot pass by keeping the base LLM)."""
-    base = MGLLaVA.from_config(_model_config(tiny_zoo))
+    base = MGLLaVAForConditionalGeneration.from_config(_model_config(tiny_zoo))
     d, channels = base.low_res_encoder.hidden_size, base.high_res_encoder.stage_channels
     width = base.llm.get_input_embeddings().embedding_dim
     generator = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def reference_state(tiny_zoo):
     return state
 
 
-def _tensor(model: MGLLaVA, dotted: str) -> torch.Tensor:
+def _tensor(model: MGLLaVAForConditionalGeneration, dotted: str) -> torch.Tensor:
     return model.get_parameter(dotted).detach()
 
 
@@ -145,7 +145,8 @@ def test_reference_checkpoint_converts_and_loads_with_its_weights(reference_stat
     assert main(_convert_args(tiny_zoo, checkpoint, tmp_path / "export")) == 0
     assert "20 projector/fusion tensors" in capsys.readouterr().out
 
-    model = MGLLaVA.from_pretrained(tmp_path / "export").eval()
+    model = MGLLaVAForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    processor = MGLLaVAProcessor.from_pretrained(tmp_path / "export")
     for theirs, ours in REFERENCE_TO_OURS.items():
         assert torch.equal(_tensor(model, ours), reference_state[theirs]), theirs
     llm_state = model.llm.state_dict()
@@ -155,13 +156,13 @@ def test_reference_checkpoint_converts_and_loads_with_its_weights(reference_stat
     if layout == "pth":  # the converted model runs: finite logits, and it generates
         image = Image.open(sorted((tiny_world / "images").rglob("*.png"))[0]).convert("RGB")
         boxes = Boxes(torch.tensor([[2.0, 2.0, 30.0, 30.0]]), ["square"], torch.tensor([0.9]))
-        batch = model.processor.collate([model.processor([("human", "<image>\nWhat?"), ("gpt", "A.")], [image], [boxes])])
+        batch = processor.collate([processor([("human", "<image>\nWhat?"), ("gpt", "A.")], [image], [boxes])])
         assert torch.isfinite(model(**batch).logits).all()
-        assert isinstance(model.generate([image], [boxes], ["What?"], max_new_tokens=3)[0], str)
-        # finetuning starts from the export's projector file (load_trainable checks it holds them all)
-        fresh = MGLLaVA.from_config(model.config)
+        assert isinstance(answer_questions(model, processor, [image], [boxes], ["What?"], max_new_tokens=3)[0], str)
+        # finetuning starts from the export's weights (load_trainable checks they hold the projectors)
+        fresh = MGLLaVAForConditionalGeneration.from_config(_model_config(tiny_zoo))
         fresh.set_stage("finetune")
-        fresh.load_trainable(tmp_path / "export" / "mgllava_projectors.safetensors")
+        fresh.load_trainable(tmp_path / "export" / "model.safetensors")
         assert torch.equal(_tensor(fresh, "fusion.proj_h.weight"), reference_state["fuse_module.slow_proj.weight"])
 
 

@@ -33,10 +33,11 @@ def boxy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_world, tiny_zoo, tmp_path_factory):
     """An untrained tiny MG-LLaVA, exported (the pipeline does not need a trained one)."""
-    from mgllava.model import MGLLaVA
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path_factory.mktemp("w")))
-    return str(MGLLaVA.from_config(config.model).export(tmp_path_factory.mktemp("export") / "model"))
+    model = MGLLaVAForConditionalGeneration.from_config(config.model)
+    return str(model.export(tmp_path_factory.mktemp("export") / "model", MGLLaVAProcessor.from_config(config.model)))
 
 
 def cli(argv: list[str]) -> int:

@@ -32,7 +32,7 @@ from mgllava.eval.boxes import (
     detector_fingerprint,
     recorded_detector,
 )
-from mgllava.model import MGLLaVA
+from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
 NEW_IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 140, 3), dtype=np.uint8))
 
@@ -59,7 +59,8 @@ def trained_with_detector(tiny_world, tiny_zoo, tmp_path_factory):
     table = root / "boxes"
     run_detection([images], table, settings)
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, root / "work"))
-    export = MGLLaVA.from_config(config.model).export(root / "export", box_table=table)
+    model = MGLLaVAForConditionalGeneration.from_config(config.model)
+    export = model.export(root / "export", MGLLaVAProcessor.from_config(config.model), box_table=table)
     expected = get_detector(settings).predict([np.asarray(NEW_IMAGE)[:, :, ::-1].copy()])[0]
     weights.rename(root / "elsewhere.pt")  # the export must not need the original file
     return export, expected, table

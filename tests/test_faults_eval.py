@@ -131,7 +131,7 @@ def prefect_server():
 @pytest.mark.slow
 def test_flow_failures_end_the_run_failed(prefect_server, tmp_path, monkeypatch, fault_ledger):
     from flows.evaluate import evaluate
-    from mgllava.model.modeling_mgllava import EXPORT_CONFIG
+    from mgllava.model.configuration_mgllava import EXPORT_CONFIG
     from warehouse import eval as warehouse_eval
 
     model = tmp_path / "model"

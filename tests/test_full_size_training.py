@@ -60,21 +60,22 @@ def tiny_batch(tiny_world, tiny_zoo):
     import torch
     from PIL import Image
 
-    from mgllava.model import MGLLaVA
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
     config = load_config(overrides=[f"model.llm.path={tiny_zoo}/llm", f"model.vision.clip_path={tiny_zoo}/clip",
                                     f"model.vision.convnext_path={tiny_zoo}/convnext"])
     torch.manual_seed(0)
-    model = MGLLaVA.from_config(config.model)
+    model = MGLLaVAForConditionalGeneration.from_config(config.model)
+    processor = MGLLaVAProcessor.from_config(config.model)
     with torch.no_grad():
         for parameter in (*model.fusion.parameters(), *model.projector.parameters(), *model.box_projector.parameters()):
             parameter.add_(torch.randn_like(parameter) * 0.05)
     record = json.loads(json.dumps(json.loads((tiny_world / "pretrain.json").read_text())[0]))
     image = Image.open(tiny_world / "images" / record["image"]).convert("RGB")
-    samples = [model.processor([("human", "<image>\nWhat is there?"), ("gpt", "Shapes on a plain background.")],
-                               [image], [None]),
-               model.processor([("human", "Hello there"), ("gpt", "Hi.")])]
-    return config, model, model.processor.collate(samples)
+    samples = [processor([("human", "<image>\nWhat is there?"), ("gpt", "Shapes on a plain background.")],
+                         [image], [None]),
+               processor([("human", "Hello there"), ("gpt", "Hi.")])]
+    return config, model, processor.collate(samples)
 
 
 def _loss_and_grads(model, batch):
@@ -348,7 +349,7 @@ def test_a_zero3_stage_saves_and_exports_whole_weights(tiny_config, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from mgllava.model import MGLLaVA
+    from mgllava.model import MGLLaVAForConditionalGeneration
     from mgllava.train.job import train
     from mgllava.train.schedule import load_user_deepspeed_config
 
@@ -363,7 +364,7 @@ def test_a_zero3_stage_saves_and_exports_whole_weights(tiny_config, tmp_path):
         stage = getattr(config.train, name)
         stage.micro_batch, stage.global_batch, stage.max_steps, stage.group_by_length = 2, 4, 2, True
     summaries = {name: train(config, name, run_id="z3", progress=False) for name in ("pretrain", "finetune")}
-    fresh = MGLLaVA.from_config(config.model)
+    fresh = MGLLaVAForConditionalGeneration.from_config(config.model)
     shapes = {name: p.shape for name, p in fresh.named_parameters()}
     for name, summary in summaries.items():
         assert summary["steps"] == 2
@@ -371,7 +372,7 @@ def test_a_zero3_stage_saves_and_exports_whole_weights(tiny_config, tmp_path):
         assert saved and all(tensor.shape == shapes[key] for key, tensor in saved.items()), name
         assert any(key.startswith("llm.") for key in saved) == (name == "finetune")
     fresh.load_trainable(summaries["finetune"]["trainable_weights"])  # loads back
-    exported = MGLLaVA.from_pretrained(summaries["finetune"]["export_dir"])
+    exported = MGLLaVAForConditionalGeneration.from_pretrained(summaries["finetune"]["export_dir"])
     finetuned = load_file(summaries["finetune"]["trainable_weights"])
     exported_weights = dict(exported.named_parameters())
     for key, tensor in finetuned.items():

@@ -1,15 +1,12 @@
-"""Model building blocks on synthetic tensors: fusion, boxes, object features, token splice."""
+"""Model building blocks on synthetic tensors: fusion, boxes, object features (the splice: test_hf_model.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from mgllava.model import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
     Boxes,
     ConvGateFusion,
     filter_boxes,
@@ -17,7 +14,6 @@ from mgllava.model import (
     map_boxes_to_frame,
     pool_object_features,
     prepare_boxes,
-    prepare_inputs_labels_for_multimodal,
 )
 from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD
 
@@ -171,91 +167,3 @@ def test_object_features_with_no_boxes():
     maps = _block_stage_maps()
     pooled = pool_object_features(maps, [torch.zeros(0, 4)], 256, output_size=7)
     assert [p.shape for p in pooled] == [(0, 14)]
-
-
-# --------------------------------------------------------------------------- splice
-
-D = 3
-
-
-def _embed(ids: torch.Tensor) -> torch.Tensor:
-    """Token id t -> (t, t, t): the embedding rows say which token they came from."""
-    return ids.float()[..., None].expand(*ids.shape, D)
-
-
-def _visual(value: float, n: int) -> torch.Tensor:
-    return torch.full((n, D), value)
-
-
-def _pad(rows: list[list[int]], side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), pad)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for r, row in enumerate(rows):
-        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-        ids[r, span], mask[r, span] = torch.tensor(row), 1
-    return ids, mask
-
-
-@pytest.mark.parametrize("input_side", ["right", "left"])
-@pytest.mark.parametrize("output_side", ["right", "left"])
-def test_splice_order_labels_and_padding(input_side, output_side):
-    I = IMAGE_TOKEN_INDEX  # noqa: E741
-    rows = [
-        [1, I, 11, 12],  # one image with 2 boxes
-        [1, 21, I, 22, I, 23, 24],  # two images: 0 boxes, then 3 boxes
-        [1, 31],  # text only
-    ]
-    label_rows = [[-100, -100, -100, 12], [-100, -100, -100, -100, -100, 23, 24], [-100, 31]]
-    input_ids, attention_mask = _pad(rows, input_side)
-    labels, _ = _pad(label_rows, input_side, pad=IGNORE_INDEX)
-    image_tokens = [_visual(-1, 4), _visual(-2, 4), _visual(-3, 4)]  # N = 4 per image
-    object_tokens = [_visual(-10, 2), _visual(-20, 0), _visual(-30, 3)]
-    out = prepare_inputs_labels_for_multimodal(
-        input_ids, attention_mask, labels, _embed, image_tokens, object_tokens, padding_side=output_side
-    )
-    expected_values = [
-        [1, -1, -1, -1, -1, -10, -10, 11, 12],
-        [1, 21, *[-2] * 4, 22, *[-3] * 4, *[-30] * 3, 23, 24],
-        [1, 31],
-    ]
-    expected_labels = [
-        [-100] * 8 + [12],
-        [-100] * 14 + [23, 24],
-        [-100, 31],
-    ]
-    length = max(map(len, expected_values))
-    assert out.inputs_embeds.shape == (3, length, D)
-    for row, (values, row_labels) in enumerate(zip(expected_values, expected_labels)):
-        n = len(values)
-        span = slice(length - n, length) if output_side == "left" else slice(0, n)
-        assert out.inputs_embeds[row, span, 0].tolist() == values
-        assert out.labels[row, span].tolist() == row_labels
-        assert out.attention_mask[row].sum() == n and out.attention_mask[row, span].all()
-        assert out.position_ids[row, span].tolist() == list(range(n))
-        padding = torch.ones(length, dtype=torch.bool)
-        padding[span] = False
-        assert (out.labels[row, padding] == IGNORE_INDEX).all()
-        assert not out.inputs_embeds[row, padding].any()
-
-
-def test_splice_without_labels_and_count_check():
-    input_ids, attention_mask = _pad([[1, IMAGE_TOKEN_INDEX, 5, 6]], "right")
-    out = prepare_inputs_labels_for_multimodal(
-        input_ids, attention_mask, None, _embed, [_visual(-1, 4)], [_visual(-9, 0)]
-    )
-    assert out.labels is None
-    assert out.inputs_embeds[0, :, 0].tolist() == [1, -1, -1, -1, -1, 5, 6]  # nothing cut after the splice
-    with pytest.raises(ValueError, match="placeholders"):
-        prepare_inputs_labels_for_multimodal(input_ids, attention_mask, None, _embed, [], [])
-
-
-def test_splice_embedding_gradient_flows_to_visual_tokens():
-    embedding = nn.Embedding(50, D)
-    visual = _visual(0.5, 4).requires_grad_(True)
-    input_ids, attention_mask = _pad([[1, IMAGE_TOKEN_INDEX, 5]], "right")
-    out = prepare_inputs_labels_for_multimodal(
-        input_ids, attention_mask, None, embedding, [visual], [_visual(0, 0)]
-    )
-    out.inputs_embeds.sum().backward()
-    assert torch.equal(visual.grad, torch.ones(4, D))

@@ -172,9 +172,10 @@ def test_training_flows_report_progress_and_loss_curves(prefect_server, tiny_con
 @pytest.mark.slow
 def test_evaluate_flow_reports_progress_and_scores(prefect_server, tiny_config, boxy, tmp_path):
     from flows.evaluate import evaluate
-    from mgllava.model import MGLLaVA
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
-    model_dir = str(MGLLaVA.from_config(tiny_config.model).export(tmp_path / "model"))
+    model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
+    model_dir = str(model.export(tmp_path / "model", MGLLaVAProcessor.from_config(tiny_config.model)))
     overrides = [f"work_dir={tiny_config.work_dir}", f"detector.model={boxy}", "detector.imgsz=160",
                  "eval.max_new_tokens=2", "eval.limit=4", "data.boxes_dir=" + str(tmp_path / "no-table")]
     config_file = str(tiny_config.save(tmp_path / "config.yaml"))

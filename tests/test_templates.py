@@ -12,8 +12,8 @@ import string
 
 import pytest
 
+from mgllava.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgllava.model.processing_mgllava import MGLLaVAProcessor
-from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgllava.templates import TEMPLATES, get_template, llava_turns
 
 # as LLaVA-Pretrain words it: the placeholder at the end of the human turn

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mgllava.config import ConfigError, StageConfig, load_config
-from mgllava.model.splice import IGNORE_INDEX
+from mgllava.model import IGNORE_INDEX
 from mgllava.templates import TEMPLATES
 from mgllava.train.data import Collate, ConversationDataset, Skipped, cache_image_features, load_conversations
 from mgllava.train.engine import run_stage
@@ -106,7 +106,7 @@ def test_bad_conversations_are_rejected_with_counts(tmp_path):
 
 @pytest.mark.parametrize("cached", [False, True], ids=["images", "cached-features"])
 def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_path, cached):
-    from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
     records, _ = load_conversations(tiny_config.data.finetune_json)
     records = records[:4]
@@ -120,7 +120,8 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
                                   allow_absolute_image_paths=True)
     assert len(dataset.keys_without_boxes) == 4
     if cached:
-        cache_image_features(dataset, MGLLaVA.from_config(tiny_config.model).encode_frozen, progress=False)
+        cache_image_features(dataset, MGLLaVAForConditionalGeneration.from_config(tiny_config.model).encode_frozen,
+                             progress=False)
         assert sum(isinstance(f, Skipped) for f in dataset.image_features.values()) == 2
     items = [dataset[i] for i in range(len(dataset))]
     assert [type(i).__name__ for i in items] == ["dict", "Skipped", "Skipped", "dict"]
@@ -254,10 +255,11 @@ def test_stage_trains_under_zero2_and_loss_falls(stage_name, tiny_config, monkey
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     if stage_name == "finetune":
-        from mgllava.model import MGLLaVA
+        from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor, answer_questions
 
-        model = MGLLaVA.from_pretrained(summary["export_dir"])
-        assert model.generate([None], [None], ["Is there a red circle?"], max_new_tokens=2)
+        model = MGLLaVAForConditionalGeneration.from_pretrained(summary["export_dir"])
+        processor = MGLLaVAProcessor.from_pretrained(summary["export_dir"])
+        assert answer_questions(model, processor, [None], [None], ["Is there a red circle?"], max_new_tokens=2)
 
 
 def test_launcher_job_failure_raises_with_the_last_lines(tmp_path):

@@ -100,10 +100,11 @@ def test_only_the_newest_checkpoints_are_kept_and_an_unusable_one_is_passed_over
 
 
 def test_a_failed_re_export_leaves_the_previous_export_whole(tiny_config, tmp_path, monkeypatch):
-    from mgllava.model import MGLLaVA, modeling_mgllava
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
-    model = MGLLaVA.from_config(tiny_config.model)
-    target = model.export(tmp_path / "out" / "export")
+    model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
+    processor = MGLLaVAProcessor.from_config(tiny_config.model)
+    target = model.export(tmp_path / "out" / "export", processor)
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     with torch.no_grad():
         next(model.llm.parameters()).add_(1.0)
@@ -111,14 +112,14 @@ def test_a_failed_re_export_leaves_the_previous_export_whole(tiny_config, tmp_pa
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(modeling_mgllava, "save_file", disk_full)
+    monkeypatch.setattr(processor, "save_pretrained", disk_full)  # after the weights are written
     with pytest.raises(OSError, match="No space left"):
-        model.export(target)
+        model.export(target, processor)
     after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before  # the old export, untouched: not its LLM rewritten in place
     monkeypatch.undo()
     (target / "stale.txt").write_text("from an older export")
-    model.export(target)
+    model.export(target, processor)
     assert not (target / "stale.txt").exists()
     assert [p.name for p in target.parent.iterdir()] == ["export"]  # no staging or old copies left
 

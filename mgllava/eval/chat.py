@@ -1,9 +1,10 @@
 """``mgllava chat``: detect objects in one image, show the boxes, answer questions about it.
 
 The detector (the configuration's, or given weights / a model YAML) runs once on the
-image; its boxes, in original-image pixels, are printed and passed to
-``MGLLaVA.generate`` with every question (the model applies its own NMS and per-category
-cap, as in training). A session is one conversation: each question is asked after the
+image; its boxes, in original-image pixels, are printed and passed with every question to
+:func:`mgllava.model.answer_questions` (the processor applies its own NMS and per-category
+cap, as in training; transformers' ``generate`` decodes). With ``stream``, ``A: `` and the answer are
+printed to stdout token by token as it is generated (a ``TextStreamer``). A session is one conversation: each question is asked after the
 earlier questions and answers (the chat template's multi-turn format, the image in the
 first turn), so ``--interactive`` is a multi-turn chat about the image, with the model and
 boxes loaded once. The image is read with detection's loader (:func:`detector.images.decode_image`,
@@ -38,7 +39,7 @@ class ChatSession:
     """One image, its detections and the model, ready to answer questions."""
 
     def __init__(self, model_dir: str | Path, image_path: str | Path, detector_settings,
-                 max_new_tokens: int = 64, device: str | None = None):
+                 max_new_tokens: int = 64, device: str | None = None, stream: bool = False):
         from detector.model import get_detector
         from mgllava.eval.lmms_model import load_model
 
@@ -49,8 +50,9 @@ class ChatSession:
         detector = get_detector(detector_settings)
         self.detector_name = detector.name
         self.detections = detector.predict([np.asarray(self.image)[:, :, ::-1].copy()])[0]
-        self.model = load_model(model_dir, device)
+        self.model, self.processor = load_model(model_dir, device)
         self.max_new_tokens = max_new_tokens
+        self.stream = stream
         self.history: list[tuple[str, str]] = []  # earlier (question, answer) turns
 
     def describe_boxes(self) -> str:
@@ -58,8 +60,19 @@ class ChatSession:
 
     def ask(self, question: str) -> str:
         """The answer to ``question`` as the next turn of the conversation (which it joins)."""
-        answer = self.model.generate([self.image], [Boxes.from_detections(self.detections)], [question],
-                                     max_new_tokens=self.max_new_tokens, histories=[self.history])[0]
+        from transformers import TextStreamer
+
+        from mgllava.model import answer_questions
+
+        tokenizer = self.processor.tokenizer
+        streamer = None
+        if self.stream:  # "A: " then the answer's text as it is generated, then a newline
+            print("A: ", end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer = answer_questions(
+            self.model, self.processor, [self.image], [Boxes.from_detections(self.detections)], [question],
+            [self.history], max_new_tokens=self.max_new_tokens, streamer=streamer,
+        )[0]
         self.history.append((question, answer))
         return answer
 

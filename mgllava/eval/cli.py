@@ -163,14 +163,15 @@ def _chat(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     settings = DetectorSettings.from_config(config.detector, model=args.detector)
     try:
-        session = ChatSession(args.model, args.image, settings, max_new_tokens=args.max_new_tokens)
+        session = ChatSession(args.model, args.image, settings, max_new_tokens=args.max_new_tokens, stream=True)
     except (DetectorError, FileNotFoundError) as exc:
         print(f"mgllava chat: {exc}", file=sys.stderr)
         return 2
     print(session.describe_boxes())
     if args.question:
-        print(f"Q: {args.question}\nA: {session.ask(args.question)}")
+        print(f"Q: {args.question}", flush=True)
+        session.ask(args.question)  # prints "A: " and the answer as it is generated
     if args.interactive:
-        for _, answer in session.interact(_stdin_questions()):
-            print(f"A: {answer}", flush=True)
+        for _ in session.interact(_stdin_questions()):  # each answer printed as it is generated
+            pass
     return 0

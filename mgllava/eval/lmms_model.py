@@ -4,7 +4,7 @@
 model arguments (all strings on the command line):
 
 ===================  ==================================================================
-``pretrained``       a directory written by ``MGLLaVA.export`` (required)
+``pretrained``       an export (``MGLLaVAForConditionalGeneration.export``; required)
 ``boxes_dir``        a Parquet box table (``mgllava detect``) to read boxes from
 ``detector``         Ultralytics weights or model YAML for images the table lacks; by
                      default the detector the export recorded (the one that made its
@@ -23,14 +23,14 @@ model arguments (all strings on the command line):
 Only ``generate_until`` is implemented: every benchmark of SPEC section 7 is a
 ``generate_until`` task (``loglikelihood`` and multi-round generation raise
 ``NotImplementedError``). Requests are grouped by generation settings, sorted by prompt
-length, and answered ``batch_size`` at a time with ``MGLLaVA.generate`` (greedy; the chat
-template's stop words end an answer, and the task's ``until`` strings cut it). Each image's
+length, and answered ``batch_size`` at a time with :func:`~mgllava.model.answer_questions`
+(transformers' ``generate``, greedy, left-padded; the chat template's stop words end an answer, and the task's ``until`` strings cut it). Each image's
 boxes come from :class:`mgllava.eval.boxes.BoxSource`. When the model cannot get boxes (an image
 with no table row and no detector, or a recorded detector that fails its sha256 check), it raises
 :class:`~mgllava.eval.boxes.BoxesUnavailable`: the ``lmms-eval`` command stops with that message
 and exit status 1 instead of logging the error and exiting 0.
 
-The torch model is loaded once per process and directory (:func:`load_model`) and shared
+The torch model and its processor are loaded once per process and directory (:func:`load_model`) and shared
 by every instance: evaluating several tasks at once costs one copy of the weights.
 
 Importing this module applies :func:`filelock_compat` (needed with filelock >= 4).
@@ -49,6 +49,7 @@ from lmms_eval.api.model import lmms
 
 from detector.errors import DetectorError
 from mgllava.eval.boxes import BoxesUnavailable, BoxSource, ImageRef, recorded_detector
+from mgllava.model import answer_questions
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,19 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_model(export_dir: str | Path, device: str | None = None):
-    """The exported MG-LLaVA in ``export_dir`` on ``device``, loaded once per process."""
-    from mgllava.model import MGLLaVA
+    """``(model, processor)`` of the export in ``export_dir``, the model on ``device``, loaded once per
+    process (a legacy export is converted while loading)."""
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
     key = (str(Path(export_dir).resolve()), resolve_device(device))
     with _MODELS_LOCK:
         if key not in _MODELS:
             t0 = time.perf_counter()
-            _MODELS[key] = MGLLaVA.from_pretrained(key[0]).to(key[1]).eval()
+            model = MGLLaVAForConditionalGeneration.from_pretrained(key[0]).to(key[1]).eval()
+            _MODELS[key] = (model, MGLLaVAProcessor.from_pretrained(key[0]))
             log.info("loaded MG-LLaVA from %s on %s in %.1f s", key[0], key[1], time.perf_counter() - t0)
         return _MODELS[key]
+
 
 
 def _as_bool(value) -> bool:
@@ -148,7 +152,7 @@ class MGLLaVALmms(lmms):
         settings, weights_sha256 = _detector_settings(  # a refused recorded detector stops before the model loads
             detector, detector_conf, detector_imgsz, detector_iou, self.device, self.pretrained
         )
-        self.model = load_model(pretrained, self.device)
+        self.model, self.processor = load_model(pretrained, self.device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.box_source = BoxSource(
@@ -218,9 +222,9 @@ class MGLLaVALmms(lmms):
             _, _, _, doc_id, task, _ = requests[i].args
             self.boxes_used[(task, doc_id)] = (len(found), origin)
         t1 = time.perf_counter()
-        answers = self.model.generate(
-            [ref.image if ref else None for ref in refs], boxes, [r.args[0] for r in requests],
-            max_new_tokens=max_new_tokens,
+        answers = answer_questions(
+            self.model, self.processor, [ref.image if ref else None for ref in refs], boxes,
+            [r.args[0] for r in requests], max_new_tokens=max_new_tokens,
         )
         self.stats["boxes_s"] += t1 - t0
         self.stats["generate_s"] += time.perf_counter() - t1

@@ -223,11 +223,11 @@ def model_kwargs(config, model_dir: str | Path, batch_size: int | None = None) -
 def prepare_evaluation(config, model_dir: str | Path, tasks: list[str] | None = None, run_id: str | None = None,
                        db_path=None) -> EvalRun:
     """Plan the benchmarks, write the task files, record the run start; fail early on a bad model dir."""
-    from mgllava.model.modeling_mgllava import EXPORT_CONFIG
+    from mgllava.model.configuration_mgllava import EXPORT_CONFIG, LEGACY_EXPORT_CONFIG
     from warehouse.eval import record_run_start
 
     model_dir = Path(model_dir).expanduser().resolve()
-    if not (model_dir / EXPORT_CONFIG).is_file():
+    if not any((model_dir / name).is_file() for name in (EXPORT_CONFIG, LEGACY_EXPORT_CONFIG)):
         raise FileNotFoundError(f"{model_dir} is not an exported MG-LLaVA directory (no {EXPORT_CONFIG})")
     run_id = run_id or new_eval_run_id()
     plans = plan_tasks(config, tasks)

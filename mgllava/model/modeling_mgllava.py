@@ -7,98 +7,126 @@ Per image (SPEC sections 2-4, shapes at full size):
 - :class:`ConvGateFusion` (CLIP tokens, stage-4 map) -> (576, 1024) -> projector -> (576, D);
 - boxes (K, 4) in the 768 frame -> RoIAlign over the stage maps -> (K, 2880) -> box projector -> (K, D).
 
-:meth:`MGLLaVA.encode_frozen` runs the frozen part (encoders, RoIAlign) and
-:meth:`MGLLaVA.encode_images` the trainable part over its output, which training may cache.
+The text arrives expanded by :class:`~mgllava.model.processing_mgllava.MGLLaVAProcessor`: per image, N
+``image_token_id`` placeholders then K ``object_token_id`` placeholders. :meth:`embed_multimodal`
+scatters the image and object tokens into those positions (as transformers' LLaVA does with
+``masked_scatter``); placeholder ids are mapped to id 0 before the embedding lookup.
 
-Both encoders are frozen in every stage and run without autograd; the trainable
-parts are the fusion, the projector and the box projector (stage ``pretrain``), plus
-the LLM (stage ``finetune``). Checkpoints: :meth:`MGLLaVA.save_trainable` /
-:meth:`MGLLaVA.load_trainable` (safetensors of the trainable weights) and
-:meth:`MGLLaVA.export` / :meth:`MGLLaVA.from_pretrained` (one self-contained directory).
+:meth:`MGLLaVAForConditionalGeneration.encode_frozen` runs the frozen part (encoders, RoIAlign) and
+:meth:`encode_images` the trainable part over its output, which training may cache.
+
+Both encoders are frozen in every stage and run without autograd; the trainable parts are the fusion,
+the projector and the box projector (stage ``pretrain``), plus the LLM (stage ``finetune``).
+Construction: :meth:`from_config` (a :class:`~mgllava.config.ModelConfig`: the LLM, CLIP and ConvNeXt
+checkpoints loaded, the rest freshly initialised) or ``from_pretrained`` (an export). Checkpoints:
+:meth:`save_trainable` / :meth:`load_trainable` (safetensors of the trainable weights) and
+:meth:`export` (one ``save_pretrained`` directory with the processor). Decoding is transformers'
+``generate`` (greedy, sampling, beam search, stop strings, streamers) with the LLM's KV cache.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
 
 from mgllava.config import ModelConfig
-from mgllava.model.boxes import Boxes
+from mgllava.model.configuration_mgllava import MGLLaVAConfig, legacy_model_config
 from mgllava.model.fusion import ConvGateFusion
 from mgllava.model.object_features import pool_object_features
-from mgllava.model.processing_mgllava import MGLLaVAProcessor
 from mgllava.model.projector import MLPProjector
-from mgllava.model.splice import MultimodalInputs, prepare_inputs_labels_for_multimodal
 from mgllava.model.vision import (
     FrozenImageFeatures,
     HighResEncoder,
     LowResEncoder,
+    build_high_res_encoder,
     downsample,
     load_high_res_encoder,
     load_low_res_encoder,
 )
 
 Stage = Literal["pretrain", "finetune"]
-EXPORT_CONFIG = "mgllava_config.json"
-EXPORT_PROJECTORS = "mgllava_projectors.safetensors"  # fusion, projector, box projector
+LEGACY_PROJECTORS = "mgllava_projectors.safetensors"  # fusion, projector, box projector of a legacy export
 PROJECTOR_MODULES = ("fusion", "projector", "box_projector")
+EXPORT_SHARD_SIZE = "5GB"
 
 
-class MGLLaVA(nn.Module):
+class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    config_class = MGLLaVAConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
     def __init__(
         self,
-        config: ModelConfig,
-        llm: nn.Module,
-        processor: MGLLaVAProcessor,
-        low_res_encoder: LowResEncoder,
-        high_res_encoder: HighResEncoder,
+        config: MGLLaVAConfig,
+        llm: PreTrainedModel | None = None,
+        low_res_encoder: LowResEncoder | None = None,
+        high_res_encoder: HighResEncoder | None = None,
     ):
-        super().__init__()
-        self.config = config
-        self.processor = processor
-        self.llm = llm  # a transformers causal LM
-        self.low_res_encoder = low_res_encoder
-        self.high_res_encoder = high_res_encoder
-        llm_width = llm.get_input_embeddings().embedding_dim  # D
-        self.fusion = ConvGateFusion(low_res_encoder.hidden_size, high_res_encoder.stage_channels[-1])
-        self.projector = MLPProjector(low_res_encoder.hidden_size, llm_width)
-        self.box_projector = MLPProjector(sum(high_res_encoder.stage_channels), llm_width)
+        """Built from ``config`` alone (random weights, as ``from_pretrained`` does before loading), or
+        around already loaded towers (:meth:`from_config`)."""
+        super().__init__(config)
+        self.llm = llm or AutoModelForCausalLM.from_config(config.text_config)  # a transformers causal LM
+        self.low_res_encoder = low_res_encoder or LowResEncoder(
+            CLIPVisionModel(config.vision_config), config.select_layer
+        )
+        self.high_res_encoder = high_res_encoder or build_high_res_encoder(config.convnext_config)
+        low_width, llm_width = self.low_res_encoder.hidden_size, config.text_config.hidden_size  # d, D
+        self.fusion = ConvGateFusion(low_width, self.high_res_encoder.stage_channels[-1])
+        self.projector = MLPProjector(low_width, llm_width)
+        self.box_projector = MLPProjector(sum(self.high_res_encoder.stage_channels), llm_width)
+        self.post_init()
         self.set_stage("pretrain")
+
+    def _init_weights(self, module) -> None:
+        """The fusion, projectors and ConvNeXt keep the initialisation of their constructors (the LLM and
+        CLIP, transformers models, initialise themselves)."""
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> MGLLaVA:
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> MGLLaVAForConditionalGeneration:
         """Build from local checkpoints (LLM, CLIP, ConvNeXt); fusion and projectors freshly initialised."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.llm.path)
         llm = AutoModelForCausalLM.from_pretrained(config.llm.path, dtype=dtype)
-        processor = MGLLaVAProcessor.from_config(config, tokenizer)
         low_res = load_low_res_encoder(config.vision.clip_path, config.vision.select_layer)
         high_res = load_high_res_encoder(config.vision.convnext_path)
-        return cls(config, llm, processor, low_res, high_res).to(dtype)
+        for tower in (llm, low_res, high_res):  # loaded: post_init must not initialise them again
+            for module in tower.modules():
+                module._is_hf_initialized = True
+        model = cls(MGLLaVAConfig.from_model_config(config), llm, low_res, high_res)
+        model.generation_config = llm.generation_config
+        return model.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> MGLLaVA:
-        """Load a directory written by :meth:`export` (its config paths are relative to it)."""
-        directory = Path(directory)
-        tree = json.loads((directory / EXPORT_CONFIG).read_text())
-        tree["llm"]["path"] = str(directory / tree["llm"]["path"])
-        for key in ("clip_path", "convnext_path"):
-            tree["vision"][key] = str(directory / tree["vision"][key])
-        model = cls.from_config(ModelConfig.model_validate(tree), dtype)
-        model.load_weights(directory / EXPORT_PROJECTORS, expected=set(model.projector_state_dict()))
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MGLLaVAForConditionalGeneration:
+        """transformers' ``from_pretrained``; a legacy export (``mgllava_config.json``, ``llm/``, ``clip/``,
+        ``convnext/``, projector file) is converted while loading (:func:`upgrade_export` rewrites one)."""
+        legacy = legacy_model_config(pretrained_model_name_or_path)
+        if legacy is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = cls.from_config(legacy, dtype=kwargs.get("dtype") or torch.float32)
+        model.load_weights(Path(pretrained_model_name_or_path) / LEGACY_PROJECTORS,
+                           expected=set(model.projector_state_dict()))
         return model
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------ stages
 
@@ -118,7 +146,7 @@ class MGLLaVA(nn.Module):
         ``pretrain``) to the projectors, and the loss and gradients are those without it."""
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    def train(self, mode: bool = True) -> MGLLaVA:
+    def train(self, mode: bool = True) -> MGLLaVAForConditionalGeneration:
         """As ``nn.Module.train``, but the frozen encoders always stay in eval mode (no drop path)."""
         super().train(mode)
         self.low_res_encoder.eval()
@@ -143,21 +171,14 @@ class MGLLaVA(nn.Module):
 
     # ------------------------------------------------------------------ vision
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.projector[0].weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.projector[0].weight.device
-
     @torch.no_grad()
     def encode_frozen(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> FrozenImageFeatures:
         """What the frozen encoders make of ``pixel_values`` (B, 3, H, H) and B box tensors (K_i, 4) in
         the H frame. No autograd: nothing here trains, so training may compute it once per image."""
-        pixel_values = pixel_values.to(self.device, self.dtype)
+        dtype = self.projector[0].weight.dtype
+        pixel_values = pixel_values.to(self.device, dtype)
         stage_maps = self.high_res_encoder(pixel_values)  # 4 x (B, C_s, H/stride_s, H/stride_s)
-        low_tokens = self.low_res_encoder(downsample(pixel_values, self.config.vision.low_res))  # (B, N, d)
+        low_tokens = self.low_res_encoder(downsample(pixel_values, self.config.low_res))  # (B, N, d)
         box_features = pool_object_features(
             stage_maps,
             boxes,
@@ -178,7 +199,7 @@ class MGLLaVA(nn.Module):
         (B, N, D) and B object-token tensors (K_i, D)."""
         if frozen is None:
             frozen = self.encode_frozen(pixel_values, boxes)
-        frozen = frozen.to(self.device, self.dtype)
+        frozen = frozen.to(self.device, self.projector[0].weight.dtype)
         fused = self.fusion(frozen.low_tokens, frozen.high_map)  # (B, N, d)
         image_tokens = self.projector(fused)  # (B, N, D)
         counts = [len(f) for f in frozen.box_features]
@@ -187,125 +208,103 @@ class MGLLaVA(nn.Module):
 
     # ------------------------------------------------------------------ LLM
 
-    def prepare_inputs(
+    def embed_multimodal(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         boxes: list[torch.Tensor] | None = None,
-        labels: torch.Tensor | None = None,
-        padding_side: Literal["right", "left"] = "right",
         image_features: FrozenImageFeatures | None = None,
-    ) -> MultimodalInputs:
-        """Encode the images (one per placeholder, reading order; from ``pixel_values`` and ``boxes``, or
-        from their precomputed ``image_features``) and splice them into the text."""
-        image_tokens, object_tokens = [], []
-        if image_features is not None and len(image_features):
-            encoded, object_tokens = self.encode_images(frozen=image_features)
-            image_tokens = list(encoded)
-        elif pixel_values is not None and len(pixel_values):
-            boxes = boxes if boxes is not None else [torch.zeros(1, 4)] * len(pixel_values)  # one zero box each
-            encoded, object_tokens = self.encode_images(pixel_values, boxes)
-            image_tokens = list(encoded)
-        device = self.device
-        return prepare_inputs_labels_for_multimodal(
-            input_ids.to(device),
-            attention_mask.to(device),
-            labels.to(device) if labels is not None else None,
-            self.llm.get_input_embeddings(),
-            image_tokens,
-            object_tokens,
-            padding_side=padding_side,
-        )
+    ) -> torch.Tensor:
+        """``input_ids`` (B, T) with expanded placeholders -> ``inputs_embeds`` (B, T, D): text embeddings,
+        with the images' N image tokens and K_i object tokens scattered into their placeholders in
+        reading order (row 0 first). Images come as ``pixel_values`` (n, 3, H, H) and ``boxes`` (n tensors
+        (K_i, 4); None: one all-zero box each), or as their precomputed frozen ``image_features``."""
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        object_mask = input_ids == self.config.object_token_id  # (B, T)
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask | object_mask, 0))  # (B, T, D)
+        has_images = image_features is not None or (pixel_values is not None and len(pixel_values))
+        if not has_images:
+            if (image_mask | object_mask).any():
+                raise ValueError(f"{int(image_mask.sum())} image placeholders in input_ids but no images")
+            return embeds
+        if image_features is None:
+            boxes = boxes if boxes is not None else [torch.zeros(1, 4)] * len(pixel_values)
+        image_tokens, object_tokens = self.encode_images(pixel_values, boxes, image_features)
+        object_tokens = torch.cat(object_tokens)  # (ΣK, D)
+        if int(image_mask.sum()) != image_tokens.shape[0] * image_tokens.shape[1] or int(
+            object_mask.sum()
+        ) != len(object_tokens):
+            raise ValueError(
+                f"{int(image_mask.sum())} image and {int(object_mask.sum())} object placeholders in input_ids, "
+                f"but {image_tokens.shape[0]} images of {image_tokens.shape[1]} tokens and {len(object_tokens)} "
+                "object tokens"
+            )
+        embeds = embeds.masked_scatter(image_mask[..., None], image_tokens.to(embeds.dtype))
+        return embeds.masked_scatter(object_mask[..., None], object_tokens.to(embeds.dtype))
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         boxes: list[torch.Tensor] | None = None,
-        labels: torch.Tensor | None = None,
-        padding_side: Literal["right", "left"] = "right",
         image_features: FrozenImageFeatures | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
     ):
         """A batch as :meth:`MGLLaVAProcessor.collate` builds it -> the LLM's output (``loss`` with labels,
-        ``logits`` (B, T, vocab) over the spliced sequence)."""
-        inputs = self.prepare_inputs(
-            input_ids, attention_mask, pixel_values, boxes, labels, padding_side, image_features
-        )
+        ``logits`` (B, T, vocab), ``cache``). Position ids count real tokens (``attention_mask``), so a
+        left-padded row sees the positions it would see alone."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, boxes, image_features)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
         return self.llm(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            labels=inputs.labels,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        images: list[Image.Image | None],
-        boxes: list[Boxes | None],
-        questions: list[str],
-        max_new_tokens: int = 32,
-        histories: list[list[tuple[str, str]]] | None = None,
-    ) -> list[str]:
-        """Greedy answers for a batch of (image or None, detections or None, question).
+    def prepare_inputs_for_generation(self, *args, boxes=None, image_features=None, is_first_iteration=False,
+                                      **kwargs):
+        """As GenerationMixin's; the images (``pixel_values``, ``boxes``, ``image_features``) only reach the
+        first forward pass: later steps read them from the KV cache."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update(boxes=boxes, image_features=image_features)
+        return inputs
 
-        Prompts are the chat template with ``<image>\\n`` + the first question, after the
-        sample's earlier ``(question, answer)`` turns of ``histories`` if given, left-padded;
-        decoding stops at the template's stop words or the EOS token, which are cut from the answer.
-        """
-        processor, tokenizer = self.processor, self.processor.tokenizer
-        histories = histories or [[] for _ in questions]
-        samples = []
-        for image, image_boxes, question, history in zip(images, boxes, questions, histories, strict=True):
-            input_ids = processor.generation_prompt(question, with_image=image is not None, history=history)
-            sample = {"input_ids": input_ids, "pixel_values": torch.zeros(0, 3, 1, 1), "boxes": []}
-            if image is not None:
-                pixel_values, mapped = processor.process_image(image, image_boxes)
-                sample.update(pixel_values=pixel_values[None], boxes=[mapped])
-            samples.append(sample)
-        batch = processor.collate(samples, padding_side="left")
-        inputs = self.prepare_inputs(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            batch["boxes"],
-            padding_side="left",
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.Tensor | None = None, **model_kwargs):
+        """As GenerationMixin's (rows repeated ``expand_size`` times for beam search or several return
+        sequences), with each row's images repeated along: a row may hold any number of images."""
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "boxes", "image_features")}
+        if expand_size > 1 and input_ids is not None:
+            per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length).tolist()
+            starts = [sum(per_row[:row]) for row in range(len(per_row))]
+            order = [start + i for start, n in zip(starts, per_row) for _ in range(expand_size) for i in range(n)]
+            if images["pixel_values"] is not None:
+                images["pixel_values"] = images["pixel_values"][order]
+            if images["boxes"] is not None:
+                images["boxes"] = [images["boxes"][i] for i in order]
+            if (features := images["image_features"]) is not None:
+                images["image_features"] = FrozenImageFeatures(
+                    features.low_tokens[order], features.high_map[order], [features.box_features[i] for i in order]
+                )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
-        stop_words = processor.template.stop_words
-        outputs = self.llm(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        attention_mask, position_ids = inputs.attention_mask, inputs.position_ids[:, -1:]
-        generated: list[list[int]] = [[] for _ in samples]
-        finished = [False] * len(samples)
-        for _ in range(max_new_tokens):
-            next_tokens = outputs.logits[:, -1].argmax(dim=-1)  # (B,)
-            for row, token in enumerate(next_tokens.tolist()):
-                if finished[row]:
-                    continue
-                generated[row].append(token)
-                text = tokenizer.decode(generated[row])
-                finished[row] = token == tokenizer.eos_token_id or any(w in text for w in stop_words)
-            if all(finished):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(samples), 1)], dim=1)
-            position_ids = position_ids + 1
-            outputs = self.llm(
-                input_ids=next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=outputs.cache,
-                use_cache=True,
-            )
-        return [
-            _cut_at_stop_words(tokenizer.decode(ids), stop_words, tokenizer.eos_token) for ids in generated
-        ]
+        return input_ids, {**model_kwargs, **{key: value for key, value in images.items() if value is not None}}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -342,23 +341,29 @@ class MGLLaVA(nn.Module):
         if unexpected or missing:
             raise KeyError(f"{path}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}")
 
-    def export(self, directory: str | Path, box_table: str | Path | None = None) -> Path:
-        """Write one self-contained directory that :meth:`from_pretrained` loads::
+    def export(
+        self,
+        directory: str | Path,
+        processor,
+        box_table: str | Path | None = None,
+        detector_dir: str | Path | None = None,
+    ) -> Path:
+        """Write one ``save_pretrained`` directory that ``from_pretrained`` and the Auto classes load::
 
-        llm/                        LLM + tokenizer (save_pretrained)
-        clip/                       CLIPVisionModel + CLIPImageProcessor (save_pretrained)
-        convnext/                   the open_clip ConvNeXt directory, copied (frozen, unchanged)
-        mgllava_projectors.safetensors   fusion, projector, box projector
-        mgllava_config.json         ModelConfig with paths relative to the directory
-        detector/                   with ``box_table`` (the training boxes): the detector that made
-                                    it, weights copied, and detector.json (sha256, parameters);
-                                    evaluation detects with it (:mod:`mgllava.eval.boxes`)
+        config.json, generation_config.json     MGLLaVAConfig (LLM, CLIP and ConvNeXt configs inside)
+        model*.safetensors                      all weights (LLM, CLIP, ConvNeXt, fusion, projectors),
+                                                sharded at 5 GB
+        tokenizer files, processor_config.json  ``processor`` (MGLLaVAProcessor.save_pretrained)
+        detector/                               with ``box_table`` (the training boxes): the detector that
+                                                made it, weights copied, and detector.json (sha256,
+                                                parameters); with ``detector_dir``: that record, copied.
+                                                Evaluation detects with it (:mod:`mgllava.eval.boxes`)
 
         It is written to a hidden directory beside ``directory`` and renamed into place (an
         existing export is renamed aside first, then deleted), so ``directory`` is never
         half-written, even if the process is killed. Leftovers of a killed export are removed.
         """
-        from transformers import CLIPImageProcessor
+        from mgllava.eval.boxes import EXPORT_DETECTOR_DIR, record_detector
 
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -366,19 +371,12 @@ class MGLLaVA(nn.Module):
             shutil.rmtree(leftover)
         staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
         try:
-            self.llm.save_pretrained(staging / "llm")
-            self.processor.tokenizer.save_pretrained(staging / "llm")
-            self.low_res_encoder.clip.save_pretrained(staging / "clip")
-            CLIPImageProcessor.from_pretrained(self.config.vision.clip_path).save_pretrained(staging / "clip")
-            shutil.copytree(self.config.vision.convnext_path, staging / "convnext")
-            save_file(self.projector_state_dict(), staging / EXPORT_PROJECTORS)
-            config = self.config.model_copy(deep=True)
-            config.llm.path, config.vision.clip_path, config.vision.convnext_path = "llm", "clip", "convnext"
-            (staging / EXPORT_CONFIG).write_text(config.model_dump_json(indent=2))
+            self.save_pretrained(staging, max_shard_size=EXPORT_SHARD_SIZE)
+            processor.save_pretrained(staging)
             if box_table is not None:
-                from mgllava.eval.boxes import EXPORT_DETECTOR_DIR, record_detector
-
                 record_detector(box_table, staging / EXPORT_DETECTOR_DIR)
+            elif detector_dir is not None:
+                shutil.copytree(detector_dir, staging / EXPORT_DETECTOR_DIR)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -390,8 +388,34 @@ class MGLLaVA(nn.Module):
         return directory
 
 
-def _cut_at_stop_words(text: str, stop_words: tuple[str, ...], eos_token: str | None) -> str:
-    """The text before the first stop word or EOS token, stripped."""
-    for marker in (*stop_words, *([eos_token] if eos_token else [])):
-        text = text.split(marker, 1)[0]
-    return text.strip()
+@torch.no_grad()
+def answer_questions(model, processor, images, boxes, questions, histories=None, **generate_kwargs) -> list[str]:
+    """Answers for a batch of (PIL image or None, :class:`~mgllava.model.boxes.Boxes` or None, question),
+    each after its earlier ``(question, answer)`` turns of ``histories``: one left-padded ``generate``
+    call (``generate_kwargs``: ``max_new_tokens``, ``do_sample``, ``num_beams``, ``streamer``...; greedy
+    by default), stopping at the chat template's stop words, which are cut from the answers."""
+    inputs = processor.chat_inputs(images, boxes, questions, histories)
+    inputs = {key: value.to(model.device) if isinstance(value, torch.Tensor) else value
+              for key, value in inputs.items()}
+    generate_kwargs = {"do_sample": False, **processor.generate_kwargs(), **generate_kwargs}
+    generated = model.generate(**inputs, **generate_kwargs)  # (B, T + new)
+    return processor.decode_answers(generated[:, inputs["input_ids"].shape[1]:])
+
+
+def upgrade_export(directory: str | Path) -> Path:
+    """Rewrite a legacy export (``mgllava_config.json`` + ``llm/``, ``clip/``, ``convnext/``, projector file,
+    ``detector/``) in place as a ``save_pretrained`` export (atomically, as :meth:`export`)."""
+    from mgllava.eval.boxes import EXPORT_DETECTOR_DIR
+    from mgllava.model.processing_mgllava import MGLLaVAProcessor
+
+    directory = Path(directory)
+    if legacy_model_config(directory) is None:
+        raise ValueError(f"{directory} is not a legacy MG-LLaVA export (no mgllava_config.json)")
+    model = MGLLaVAForConditionalGeneration.from_pretrained(directory)
+    processor = MGLLaVAProcessor.from_pretrained(directory)
+    detector = directory / EXPORT_DETECTOR_DIR
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".upgrade-") as keep:  # beside, same disk
+        kept = Path(keep) / EXPORT_DETECTOR_DIR
+        if detector.is_dir():
+            shutil.copytree(detector, kept)
+        return model.export(directory, processor, detector_dir=kept if detector.is_dir() else None)

@@ -1,7 +1,8 @@
-"""Turning (image, boxes, conversation) records into model inputs, in the spirit of HF processors.
+"""Turning (image, boxes, conversation) records into model inputs: a transformers ``ProcessorMixin``.
 
 Picklable and free of model weights, so a training DataLoader can run it in its
-worker processes:
+worker processes. ``save_pretrained`` writes the tokenizer and ``processor_config.json``;
+``from_pretrained`` (and ``AutoProcessor`` after ``import mgllava``) reads them back.
 
 - :meth:`MGLLaVAProcessor.process_image`: PIL image + raw detections ->
   ``pixel_values`` (3, high_res, high_res) and boxes (K >= 1, 4) in the high-res frame
@@ -13,8 +14,12 @@ worker processes:
   ``<image>`` -> ``IMAGE_TOKEN_INDEX``, truncated to ``max_text_length`` (the
   reference's token sequence for the same record and tokenizer, see :mod:`mgllava.templates`);
 - :meth:`MGLLaVAProcessor.__call__`: both, for one record (:meth:`with_image_features`: the text,
-  with the image's precomputed frozen features);
-- :meth:`MGLLaVAProcessor.collate`: a batch, padded with the pad id (labels -100).
+  with the image's precomputed frozen features), then each ``IMAGE_TOKEN_INDEX`` expanded into the
+  image's N image placeholders and K object placeholders (``OBJECT_TOKEN_INDEX``), labels -100 there
+  (:meth:`expand_placeholders`): the sequence the LLM reads, token for token;
+- :meth:`MGLLaVAProcessor.collate`: a batch, padded with the pad id (labels -100);
+- :meth:`MGLLaVAProcessor.chat_inputs` / :meth:`decode_answers`: a left-padded batch of questions for
+  ``generate``, and the answers cut at the template's stop words.
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ from typing import Literal
 
 import torch
 from PIL import Image
+from transformers import ProcessorMixin
 
 from mgllava.config import ModelConfig
 from mgllava.model.boxes import NEAR_MAX_LENGTH_MARGIN, Boxes, prepare_boxes
-from mgllava.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgllava.model.configuration_mgllava import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX, legacy_model_config
 from mgllava.model.vision import FrozenImageFeatures, image_to_pixel_values, load_image_normalisation
 from mgllava.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template, llava_turns
 
+IGNORE_INDEX = -100
 
-class MGLLaVAProcessor:
+
+class MGLLaVAProcessor(ProcessorMixin):
     def __init__(
         self,
         tokenizer,
@@ -44,9 +52,11 @@ class MGLLaVAProcessor:
         box_cap_threshold: int = 100,
         boxes_per_category: int = 20,
         object_tokens_in_max_length: bool = False,
+        image_seq_length: int = 576,
     ):
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.template = get_template(template) if isinstance(template, str) else template
+        self.image_seq_length = image_seq_length  # N: image tokens per image
         self.high_res = high_res
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.max_text_length = max_text_length
@@ -66,7 +76,7 @@ class MGLLaVAProcessor:
 
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.llm.path)
         clip = CLIPVisionConfig.from_pretrained(config.vision.clip_path)
-        n_image_tokens = (clip.image_size // clip.patch_size) ** 2
+        n_image_tokens = (clip.image_size // clip.patch_size) ** 2  # N
         mean, std = load_image_normalisation(config.vision.clip_path)
         return cls(
             tokenizer,
@@ -79,7 +89,21 @@ class MGLLaVAProcessor:
             box_cap_threshold=config.box_cap_threshold,
             boxes_per_category=config.boxes_per_category,
             object_tokens_in_max_length=config.object_tokens_in_max_length,
+            image_seq_length=n_image_tokens,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MGLLaVAProcessor:
+        """transformers' ``from_pretrained``; a legacy export directory (``mgllava_config.json``) is read
+        through its :class:`~mgllava.config.ModelConfig`."""
+        legacy = legacy_model_config(pretrained_model_name_or_path)
+        if legacy is not None:
+            return cls.from_config(legacy)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to_dict(self) -> dict:
+        """``processor_config.json``: the init arguments, the template by name."""
+        return {**super().to_dict(), "template": self.template.name}
 
     # ------------------------------------------------------------------ images
 
@@ -165,7 +189,8 @@ class MGLLaVAProcessor:
         input_ids, labels = self._tokenize_record(turns, len(images))
         near_max_length = len(input_ids) >= self.max_text_length - NEAR_MAX_LENGTH_MARGIN
         processed = [self.process_image(image, b, near_max_length) for image, b in zip(images, boxes)]
-        input_ids, labels = self._fit_object_tokens(input_ids, labels, [len(b) for _, b in processed])
+        n_objects = [len(b) for _, b in processed]
+        input_ids, labels = self.expand_placeholders(*self._fit_object_tokens(input_ids, labels, n_objects), n_objects)
         pixel_values = (
             torch.stack([p for p, _ in processed])
             if processed
@@ -183,8 +208,27 @@ class MGLLaVAProcessor:
         image and its boxes: ``input_ids``, ``labels`` (T,), ``image_features``. The features hold each
         image's boxes as cached, so the one-box-per-category rule near the budget does not apply here."""
         input_ids, labels = self._tokenize_record(turns, len(features))
-        input_ids, labels = self._fit_object_tokens(input_ids, labels, [len(f.box_features[0]) for f in features])
+        n_objects = [len(f.box_features[0]) for f in features]
+        input_ids, labels = self.expand_placeholders(*self._fit_object_tokens(input_ids, labels, n_objects), n_objects)
         return {"input_ids": input_ids, "labels": labels, "image_features": features}
+
+    def expand_placeholders(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None, n_objects: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) ids with one ``IMAGE_TOKEN_INDEX`` per image -> ids and labels (T + Σ(N + K_i - 1),): image i's
+        placeholder becomes N ``IMAGE_TOKEN_INDEX`` then ``n_objects[i]`` ``OBJECT_TOKEN_INDEX``, labels -100
+        there (``labels`` None: -100 everywhere)."""
+        labels = labels if labels is not None else torch.full_like(input_ids, IGNORE_INDEX)
+        positions = (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(positions) != len(n_objects):
+            raise ValueError(f"{len(positions)} image placeholders, {len(n_objects)} images")
+        id_pieces, label_pieces, start = [], [], 0
+        for position, k in zip(positions, n_objects):
+            visual = torch.tensor([IMAGE_TOKEN_INDEX] * self.image_seq_length + [OBJECT_TOKEN_INDEX] * k)
+            id_pieces += [input_ids[start:position], visual]
+            label_pieces += [labels[start:position], torch.full_like(visual, IGNORE_INDEX)]
+            start = position + 1
+        return torch.cat([*id_pieces, input_ids[start:]]), torch.cat([*label_pieces, labels[start:]])
 
     def _fit_object_tokens(
         self, input_ids: torch.Tensor, labels: torch.Tensor, n_objects: list[int]
@@ -211,6 +255,48 @@ class MGLLaVAProcessor:
         if (input_ids == IMAGE_TOKEN_INDEX).sum() != n_images:
             raise ValueError(f"text truncated to {self.max_text_length} tokens cut off an image placeholder")
         return input_ids, labels
+
+    def chat_inputs(
+        self,
+        images: list[Image.Image | None],
+        boxes: list[Boxes | None],
+        questions: list[str],
+        histories: list[list[tuple[str, str]]] | None = None,
+    ) -> dict:
+        """A left-padded batch for ``generate``, one row per (image or None, detections or None,
+        question): the chat template with ``<image>\\n`` + the first question, after the row's earlier
+        ``(question, answer)`` turns of ``histories`` if given, ending with the assistant's prompt.
+        -> ``input_ids``, ``attention_mask`` (B, T), ``pixel_values`` (n_images, 3, H, H) or None,
+        ``boxes`` (n_images tensors (K_i, 4))."""
+        histories = histories or [[] for _ in questions]
+        samples = []
+        for image, image_boxes, question, history in zip(images, boxes, questions, histories, strict=True):
+            input_ids = self.generation_prompt(question, with_image=image is not None, history=history)
+            sample = {"input_ids": input_ids}
+            if image is not None:
+                pixel_values, mapped = self.process_image(image, image_boxes)
+                sample.update(pixel_values=pixel_values[None], boxes=[mapped])
+                sample["input_ids"], _ = self.expand_placeholders(input_ids, None, [len(mapped)])
+            samples.append(sample)
+        batch = self.collate(samples, padding_side="left")
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "boxes")}
+
+    def decode_answers(self, generated: torch.Tensor) -> list[str]:
+        """(B, new tokens) from ``generate`` (the prompt cut off) -> the answers: the text before the first
+        stop word or EOS token, stripped."""
+        stops = (*self.template.stop_words, *([self.tokenizer.eos_token] if self.tokenizer.eos_token else []))
+        answers = []
+        for text in self.tokenizer.batch_decode(generated):
+            for marker in stops:
+                text = text.split(marker, 1)[0]
+            answers.append(text.strip())
+        return answers
+
+    def generate_kwargs(self) -> dict:
+        """What ``generate`` needs to stop at the chat template's stop words."""
+        if not self.template.stop_words:
+            return {}
+        return {"stop_strings": list(self.template.stop_words), "tokenizer": self.tokenizer}
 
     def collate(self, samples: list[dict], padding_side: Literal["right", "left"] = "right") -> dict:
         """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T);

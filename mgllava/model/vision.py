@@ -135,6 +135,15 @@ def load_low_res_encoder(clip_path: str | Path, select_layer: int) -> LowResEnco
     return LowResEncoder(CLIPVisionModel.from_pretrained(str(clip_path)), select_layer)
 
 
+def build_high_res_encoder(convnext_config: dict) -> HighResEncoder:
+    """The ConvNeXt trunk described by an ``open_clip_config.json`` (a dict), randomly initialised
+    (weights come from the checkpoint that is loaded next); no text tower is built."""
+    from open_clip.model import _build_vision_tower
+
+    model_cfg = convnext_config["model_cfg"]
+    return HighResEncoder(_build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"]).trunk)
+
+
 def load_high_res_encoder(convnext_path: str | Path) -> HighResEncoder:
     """The ConvNeXt trunk of an open_clip checkpoint directory (``open_clip_config.json`` + weights).
 

@@ -201,7 +201,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     """Build the model and data, train the stage, write its outputs; the summary (rank 0) or {}."""
     import torch
 
-    from mgllava.model import MGLLaVA, MGLLaVAProcessor
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
     from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
     from mgllava.train.engine import fault_point, run_stage
     from warehouse import training as warehouse
@@ -210,7 +210,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     boxes = load_boxes(config.data.boxes_dir)
 
     torch.manual_seed(config.train.seed)
-    model = MGLLaVA.from_config(config.model)
+    model = MGLLaVAForConditionalGeneration.from_config(config.model)
     if stage == "finetune":
         model.load_weights(
             stage_dir(config, "pretrain") / "trainable.safetensors", expected=set(model.projector_state_dict())
@@ -219,7 +219,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     log.info("%s: trainable parameters\n%s", stage, model.trainable_summary())
-    processor = MGLLaVAProcessor.from_config(config.model, tokenizer=model.processor.tokenizer)
+    processor = MGLLaVAProcessor.from_config(config.model)
     dataset = ConversationDataset(records, config.data.image_root, boxes, processor,
                                   config.data.allow_absolute_image_paths, config.detector.max_image_pixels)
     if config.data.cache_image_features:
@@ -247,7 +247,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     weights = model.save_trainable(out / "trainable.safetensors")
-    export = model.export(out / "export", box_table=config.data.boxes_dir) if stage == "finetune" else None
+    export = model.export(out / "export", processor, box_table=config.data.boxes_dir) if stage == "finetune" else None
     summary = {
         "run_id": run_id,
         "stage": stage,
