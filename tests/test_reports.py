@@ -58,6 +58,25 @@ def test_boxes_are_drawn_where_the_detections_are(tmp_path):
     _png(gallery, size=(256, 2 * (128 + 18)))
 
 
+def test_results_plot_draws_the_score_history(tmp_path, capsys):
+    from mgllava.cli import main
+    from warehouse.db import connect
+
+    db = tmp_path / "wh.duckdb"
+    with connect(db) as con:
+        for day, (pope, mmbench) in enumerate([(0.6, 24.0), (0.7, 30.0), (0.73, 29.8)], start=1):
+            for task, metric, value in (("pope", "pope_accuracy", pope), ("mmbench", "gpt_eval_score", mmbench)):
+                con.execute("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, false)",
+                            [f"run{day}", f"/ckpt{day}", task, metric, value, 10, dt.datetime(2026, 11, day, 9)])
+    png = tmp_path / "history.png"
+    assert main(["results", "--warehouse", str(db), "--plot", str(png)]) == 0
+    assert f"score history (6 scores) drawn in {png}" in capsys.readouterr().out
+    _png(png, size=(750, 400))
+    assert main(["results", "--warehouse", str(db), "--plot", str(tmp_path / "history.jpg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot" in err[0] and "does not end in .png" in err[0]
+
+
 def test_training_step_lines_are_read_back_as_progress():
     from mgllava.train.engine import STEP_LINE
     from mgllava.train.launch import STEP_PATTERN
@@ -93,6 +112,19 @@ def boxy(tmp_path_factory):
     path = tmp_path_factory.mktemp("det") / "boxy.pt"
     model.save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_world, tiny_zoo, tmp_path_factory):
+    """An untrained tiny MG-LLaVA, exported."""
+    from conftest import tiny_overrides
+
+    from mgllava.config import load_config
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
+
+    config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path_factory.mktemp("w")))
+    model = MGLLaVAForConditionalGeneration.from_config(config.model)
+    return str(model.export(tmp_path_factory.mktemp("export") / "model", MGLLaVAProcessor.from_config(config.model)))
 
 
 def _run(flow_fn, **kwargs):
@@ -170,12 +202,10 @@ def test_training_flows_report_progress_and_loss_curves(prefect_server, tiny_con
 
 
 @pytest.mark.slow
-def test_evaluate_flow_reports_progress_and_scores(prefect_server, tiny_config, boxy, tmp_path):
+def test_evaluate_flow_reports_progress_and_scores(prefect_server, tiny_config, exported, boxy, tmp_path):
     from flows.evaluate import evaluate
-    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
-    model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
-    model_dir = str(model.export(tmp_path / "model", MGLLaVAProcessor.from_config(tiny_config.model)))
+    model_dir = exported
     overrides = [f"work_dir={tiny_config.work_dir}", f"detector.model={boxy}", "detector.imgsz=160",
                  "eval.max_new_tokens=2", "eval.limit=4", "data.boxes_dir=" + str(tmp_path / "no-table")]
     config_file = str(tiny_config.save(tmp_path / "config.yaml"))
@@ -206,3 +236,20 @@ def test_full_train_does_not_send_prints_to_the_logs(prefect_server, tmp_path):
 
     _, run = _run(save_a_dataset)
     assert not [log.message for log in _logs(run) if "LOAD_" in log.message or "RESUME" in log.message]
+
+
+@pytest.mark.slow
+def test_chat_save_draws_the_boxes_the_model_sees(exported, boxy, tiny_world, tmp_path, capsys):
+    from mgllava.cli import main
+
+    image = sorted((tiny_world / "images" / "bench").glob("*.png"))[0]
+    png = tmp_path / "boxed.png"
+    assert main(["chat", "--model", exported, "--image", str(image), "--detector", boxy, "--set", "detector.imgsz=160",
+                 "--set", f"work_dir={tmp_path}", "--max-new-tokens", "2", "--save", str(png), "Is there a circle?"]) == 0
+    out = capsys.readouterr().out
+    n_boxes = int(out.splitlines()[0].split()[0])
+    assert n_boxes > 0 and f"boxes drawn in {png}" in out
+    with Image.open(image) as original:
+        before = np.asarray(original.convert("RGB"))
+    after = _png(png, size=(before.shape[1], before.shape[0]))
+    assert (after != before).any(axis=2).mean() > 0.01  # the boxes changed the picture

@@ -6,11 +6,13 @@
 - ``results [--checkpoint DIR] [--benchmark NAME]``: the score table from the warehouse (``stale``
   marks a score that a later failed or skipped evaluation left standing);
   ``results --sql "SELECT ..."``: one read-only query, sandboxed (:func:`warehouse.db.sandboxed_query`):
-  anything else is refused with one line and exit code 2.
+  anything else is refused with one line and exit code 2; ``--plot FILE.png`` also draws the score
+  history (:func:`mgllava.plots.score_history`).
 
 A warehouse held by another process gives one line naming the file and the process, exit code 1.
 - ``chat --model DIR --image PATH "question"``: detect, print the boxes, answer;
-  ``--interactive``: a multi-turn chat, questions from stdin until EOF or ``exit``.
+  ``--interactive``: a multi-turn chat, questions from stdin until EOF or ``exit``; ``--save FILE.png``:
+  the image with those boxes drawn (:func:`mgllava.plots.boxed_image`).
 
 Module import is light (no torch); the work is imported inside the handlers.
 """
@@ -84,6 +86,9 @@ def register_cli(subparsers) -> None:
     res.add_argument("--max-width", type=int, default=60, help="truncate cells to this many characters")
     res.add_argument("--wait", type=float, default=5.0,
                      help="seconds to wait for a warehouse another process is writing (default 5)")
+    res.add_argument("--plot", metavar="FILE.png", type=png_path,
+                     help="also draw the score history (each benchmark's headline score per evaluation, chance "
+                     "dotted) into this PNG")
     res.set_defaults(func=_results)
 
     chat = subparsers.add_parser(
@@ -101,6 +106,8 @@ def register_cli(subparsers) -> None:
     chat.add_argument("--interactive", action="store_true", help="read questions from stdin")
     chat.add_argument("--detector", help="Ultralytics weights or model YAML (default: config detector.model)")
     chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--save", metavar="FILE.png", type=png_path,
+                      help="save the image with the detector's boxes drawn (the boxes the model sees) to this PNG")
     chat.set_defaults(func=_chat)
 
 
@@ -138,7 +145,23 @@ def _results(args: argparse.Namespace) -> int:
         print(f"mgllava results: {first_line(exc)}", file=sys.stderr)
         return 1
     print(format_table(columns, rows, args.max_width))
+    if args.plot:
+        from mgllava.plots import score_history
+        from warehouse.eval import score_history as history
+
+        rows = history(db_path=args.warehouse, timeout=args.wait)
+        if not rows:
+            print("mgllava results: no scores to plot yet: evaluate a checkpoint first", file=sys.stderr)
+            return 1
+        print(f"score history ({len(rows)} scores) drawn in {score_history(rows, args.plot)}")
     return 0
+
+
+def png_path(value: str) -> str:
+    """An argument naming a PNG file to write (``.png``)."""
+    if not value.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{value!r} does not end in .png")
+    return value
 
 
 def _stdin_questions() -> Iterator[str]:
@@ -168,6 +191,10 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"mgllava chat: {exc}", file=sys.stderr)
         return 2
     print(session.describe_boxes())
+    if args.save:
+        from mgllava.plots import boxed_image
+
+        print(f"boxes drawn in {boxed_image(session.image, session.detections, args.save)}")
     if args.question:
         print(f"Q: {args.question}", flush=True)
         session.ask(args.question)  # prints "A: " and the answer as it is generated
