@@ -7,9 +7,9 @@ among the object tokens and answer yes or no. A pretrained LLM brings that in-co
 skill. This probe (``python experiments/reader.py``) measures whether an LLM can learn it, with no pixels involved.
 
 Each object token is an *ideal* feature: one-hot colour and one-hot shape, from the world's
-annotations. A trainable two-layer MLP maps it to the LLM width, and the model's own splice
-(:func:`mgllava.model.splice.prepare_inputs_labels_for_multimodal`) puts it where
-``<image>`` stands. The LLM and the MLP are trained together on the world's POPE
+annotations. A trainable two-layer MLP maps it to the LLM width, and the model's processor expands
+``<image>`` into one object placeholder per object (no image tokens), where the tokens are scattered
+as the model does (:meth:`mgllava.model.MGLLaVAForConditionalGeneration.embed_multimodal`). The LLM and the MLP are trained together on the world's POPE
 questions about scenes sampled without rendering, in the chat template with lmms-eval's
 short-answer post-prompt. The negatives follow the "random", "popular" and "adversarial"
 strategies, and half of the questions are "yes". A share of the training questions
@@ -87,13 +87,14 @@ class ReaderProbe:
         self.object_mlp = MLPProjector(len(COLORS) + len(SHAPES), width).to(device)
         # only the text side of the processor is used: no images go through it
         self.processor = MGLLaVAProcessor(
-            tokenizer, template, high_res=1, image_mean=(0.0,), image_std=(1.0,), max_text_length=4096
+            tokenizer, template, high_res=1, image_mean=(0.0,), image_std=(1.0,), max_text_length=4096,
+            image_seq_length=0,
         )
         self.answer_ids = {a: self._answer_token(a) for a in ("yes", "no")}
 
     def _answer_token(self, answer: str) -> int:
         """The first label token of an assistant turn that answers ``answer`` (-1 if there is none)."""
-        from mgllava.model.splice import IGNORE_INDEX
+        from mgllava.model import IGNORE_INDEX
 
         ids, labels = self.processor.tokenize_conversation([("human", "?"), ("gpt", answer)])
         answer_ids = ids[labels != IGNORE_INDEX]
@@ -107,21 +108,25 @@ class ReaderProbe:
         return cls(llm, AutoTokenizer.from_pretrained(llm_path), template, device)
 
     def _tokenize(self, item: ProbeItem):
-        """``input_ids``, ``labels`` (T,) of one question and its answer in the chat template."""
+        """``input_ids``, ``labels`` (T,) of one question and its answer in the chat template, ``<image>``
+        expanded into one object placeholder per object."""
         from mgllava.templates import IMAGE_PLACEHOLDER
 
-        return self.processor.tokenize_conversation(
+        ids, labels = self.processor.tokenize_conversation(
             [("human", f"{IMAGE_PLACEHOLDER}\n{item.question}"), ("gpt", item.answer)]
         )
+        return self.processor.expand_placeholders(ids, labels, [len(item.objects)])
 
     def parameters(self):
         return [*self.llm.parameters(), *self.object_mlp.parameters()]
 
     def batch(self, items: list[ProbeItem]) -> dict:
         """Spliced ``inputs_embeds``, masks, labels (B, T), and where each answer's first token sits."""
+        from types import SimpleNamespace
+
         import torch
 
-        from mgllava.model.splice import IGNORE_INDEX, prepare_inputs_labels_for_multimodal
+        from mgllava.model import IGNORE_INDEX, OBJECT_TOKEN_INDEX
 
         rows = [self._tokenize(item) for item in items]
         padded = self.processor.collate(
@@ -136,10 +141,10 @@ class ReaderProbe:
         object_tokens = [
             self.object_mlp(ideal_features(item.objects).to(self.device)) for item in items
         ]  # B x (K_i, D)
-        no_image_tokens = [tokens[:0] for tokens in object_tokens]  # the probe has object tokens only
-        inputs = prepare_inputs_labels_for_multimodal(
-            input_ids, attention_mask, labels, self.llm.get_input_embeddings(), no_image_tokens, object_tokens
-        )
+        objects = input_ids == OBJECT_TOKEN_INDEX  # (B, T)
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(objects, 0))  # (B, T, D)
+        embeds = embeds.masked_scatter(objects[..., None], torch.cat(object_tokens).to(embeds.dtype))
+        inputs = SimpleNamespace(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=None, labels=labels)
         # logits at t predict token t + 1: the answer token is the first labelled one
         answer_at = (inputs.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # (B,)
         return {"inputs": inputs, "answer_at": answer_at}
