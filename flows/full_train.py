@@ -26,16 +26,21 @@ from flows.evaluate import evaluate
 from flows.keys import detector_train_key, evaluate_key
 from mgllava.config import Config, ConfigError, load_config
 from mgllava.lineage import train_key
-from mgllava.shapes import prepare
+from mgllava.shapes import BackgroundZoo, prepare_world
 
 
 def _by_key(context, parameters) -> str:
     return parameters["key"]
 
 
-@task(name="world-and-zoo", cache_policy=NO_CACHE)  # both are idempotent on disk and log when they skip
-def world_and_zoo(config: Config) -> dict:
-    return prepare(config)
+@task(name="shapes-world", cache_policy=NO_CACHE)  # idempotent on disk, logs when it skips
+def shapes_world(config: Config) -> str | None:
+    return prepare_world(config)
+
+
+@task(name="tiny-zoo", cache_policy=NO_CACHE)  # idempotent on disk, logs when it skips
+def tiny_zoo(zoo: BackgroundZoo) -> str | None:
+    return zoo.result()
 
 
 @task(name="train-detector", cache_key_fn=_by_key, persist_result=True)
@@ -126,15 +131,29 @@ def full_train(
     logger.info("configuration %s, work dir %s", config.preset, config.work_dir)
     refresh = {"refresh_cache": True} if fresh else {}
 
-    world_and_zoo(config)
-    weights = detector_weights(config, refresh, logger)
-    from detector.model import DetectorSettings
+    shapes_world(config)
+    import torch
 
-    settings = DetectorSettings.from_config(  # the weights passed on, the config left as loaded
-        config.detector, model=weights,
-        allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
-    box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir, settings=settings,
-                               image_root=config.data.image_root, fresh=True)  # a new detector redoes it
+    cores = torch.get_num_threads()
+    # the tiny zoo's LLM (if it is to be built) trains in a child process on one core while this one
+    # trains the detector and detects on the others; then this one pretrains the towers, then the child
+    # gets every core (BackgroundZoo.result)
+    with BackgroundZoo(config, threads=1, later_threads=cores) as zoo:
+        if zoo.running:
+            torch.set_num_threads(max(1, cores - 1))
+        try:
+            weights = detector_weights(config, refresh, logger)
+            from detector.model import DetectorSettings
+
+            settings = DetectorSettings.from_config(  # the weights passed on, the config left as loaded
+                config.detector, model=weights,
+                allow_absolute_image_paths=config.data.allow_absolute_image_paths).to_json()
+            box_manifest = detect_flow(sources=default_sources(config), out=config.data.boxes_dir,
+                                       settings=settings, image_root=config.data.image_root,
+                                       fresh=True)  # a new detector redoes it
+        finally:
+            torch.set_num_threads(cores)
+        tiny_zoo(zoo)
     run_id = new_run_id()
     stages = {}
     for stage in ("pretrain", "finetune"):

@@ -6,6 +6,7 @@ import json
 import random
 
 import open_clip
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
@@ -200,3 +201,47 @@ def test_the_tokenizer_does_not_change_when_a_template_is_added(tiny_world, monk
     added = replace(templates.TEMPLATES["vicuna"], name="added", instruction="<<ADDED>> {input} <<REPLY>>")
     monkeypatch.setitem(templates.TEMPLATES, "added", added)
     assert train_tokenizer(tiny_world).get_vocab() == before
+
+
+@pytest.mark.slow
+def test_zoo_builds_in_a_child_process_beside_this_one(tiny_world, tmp_path):
+    from conftest import tiny_overrides
+
+    from mgllava.config import load_config
+    from mgllava.shapes import BackgroundZoo, zoo_pending
+
+    zoo_dir = tmp_path / "zoo"
+    config = load_config(overrides=[*tiny_overrides(tiny_world, zoo_dir, tmp_path / "work"),
+                                    "shapes.zoo.llm_layers=1", "shapes.zoo.llm_instruct_steps=0",
+                                    "shapes.zoo.tower_scenes=0"])
+    assert zoo_pending(config)
+    with BackgroundZoo(config, threads=1, later_threads=2) as zoo:
+        assert zoo.running  # the LLM trains in the child while this process is free
+        assert zoo.result() == str(zoo_dir)  # the towers here, then zoo.json
+    assert AutoModelForCausalLM.from_pretrained(zoo_dir / "llm").config.num_hidden_layers == 1
+    assert CLIPVisionModel.from_pretrained(zoo_dir / "clip").config.image_size == 112
+    assert not zoo_pending(config)
+    with BackgroundZoo(config, threads=1, later_threads=2) as again:
+        assert not again.running and again.result() == str(zoo_dir)  # built: no child, nothing redone
+
+
+def test_zoo_child_moves_to_more_threads_on_the_signal():
+    import logging
+    import os
+    import signal
+
+    from mgllava.shapes import _zoo_child_setup
+
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGUSR1)
+    logger = logging.getLogger("mgllava")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        _zoo_child_setup(1, 2)
+        assert torch.get_num_threads() == 1
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGUSR1, handler)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)

@@ -229,7 +229,7 @@ def instruction_tune_on_text(
     import random
     from collections import Counter
 
-    from mgllava.model.splice import IGNORE_INDEX
+    from mgllava.model.processing_mgllava import IGNORE_INDEX
     from mgllava.shapes.towers import fit
     from mgllava.shapes.world import questions as q
     from mgllava.shapes.world.generate import load_annotations
@@ -276,8 +276,7 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
     """The loss over every answer token of ``groups`` of rows (``input_ids``, ``labels``), each
     group padded on its own: the loss of all the rows padded as one batch, without padding the
     short rows of one group to the longest of another."""
-    from mgllava.model.processing_mgllava import pad_text
-    from mgllava.model.splice import IGNORE_INDEX
+    from mgllava.model.processing_mgllava import IGNORE_INDEX, pad_text
 
     losses, answer_tokens = [], []
     for rows in groups:
@@ -428,6 +427,21 @@ def save_convnext(out: Path, model) -> None:
 LOCAL_DIR_PREFIX = "local-dir:"
 
 
+def _zoo_settings(world_dir: str | Path, high_res: int, low_res: int, max_length: int, recipe: ZooConfig) -> dict:
+    return {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(Path(world_dir)),
+            **recipe.model_dump()}
+
+
+def zoo_is_built(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res: int, max_length: int,
+                 recipe: ZooConfig | None = None) -> bool:
+    """True when ``out_dir`` holds a finished zoo (its ``zoo.json``) built with these settings."""
+    marker = Path(out_dir) / "zoo.json"
+    if not marker.exists():
+        return False
+    settings = _zoo_settings(world_dir, high_res, low_res, max_length, recipe or ZooConfig())
+    return {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings
+
+
 def build_zoo(
     out_dir: str | Path,
     world_dir: str | Path,
@@ -442,35 +456,58 @@ def build_zoo(
     trained: the vision towers pretrained on ``tower_scenes`` rendered scenes for ``tower_epochs``
     epochs (:mod:`mgllava.shapes.towers`; 0 by default leaves them random), the LLM's depth
     and its instruction tuning on text (:func:`build_llm`; none by default). ``zoo.json`` records
-    the settings and what was measured.
+    the settings and what was measured. The two parts are independent (:func:`build_zoo_llm`,
+    :func:`build_zoo_towers`, each seeded), so they may also be built in two processes at once.
     """
+    out_dir, world_dir = Path(out_dir), Path(world_dir)
+    recipe = recipe or ZooConfig()
+    if zoo_is_built(out_dir, world_dir, high_res, low_res, max_length, recipe):
+        log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
+        return out_dir
+    llm = build_zoo_llm(out_dir, world_dir, max_length, recipe)
+    towers = build_zoo_towers(out_dir, high_res, low_res, recipe)
+    write_zoo_record(out_dir, world_dir, high_res, low_res, max_length, recipe, llm, towers)
+    return out_dir
+
+
+def build_zoo_llm(out_dir: str | Path, world_dir: str | Path, max_length: int, recipe: ZooConfig) -> dict:
+    """The zoo's tokenizer and LLM in ``out_dir/llm`` (:func:`build_llm`, seeded); what was measured."""
+    import torch
+
+    world_dir = Path(world_dir)
+    if not (world_dir / "instruct.json").exists():
+        raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
+    torch.manual_seed(0)
+    _, report = build_llm(Path(out_dir) / "llm", world_dir, max_length, layers=recipe.llm_layers,
+                          instruct_steps=recipe.llm_instruct_steps, option_share=recipe.llm_option_share,
+                          lookup_share=recipe.llm_lookup_share)
+    return report
+
+
+def build_zoo_towers(out_dir: str | Path, high_res: int, low_res: int, recipe: ZooConfig) -> dict:
+    """The zoo's CLIP (``out_dir/clip``) and ConvNeXt (``out_dir/convnext``), seeded, pretrained
+    (:func:`~mgllava.shapes.towers.pretrain_towers`); their held-out figures."""
     import torch
 
     from mgllava.shapes.towers import pretrain_towers
 
-    out_dir, world_dir = Path(out_dir), Path(world_dir)
-    marker = out_dir / "zoo.json"
-    recipe = recipe or ZooConfig()
-    settings = {"high_res": high_res, "low_res": low_res, "max_length": max_length, "world": str(world_dir),
-                **recipe.model_dump()}
-    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
-        log.info("tiny zoo already built in %s (same settings): skipping", out_dir)
-        return out_dir
-    if not (world_dir / "instruct.json").exists():
-        raise FileNotFoundError(f"shapes world not found at {world_dir}: run `mgllava world` first")
+    out_dir = Path(out_dir)
     torch.manual_seed(0)
-    _, llm = build_llm(out_dir / "llm", world_dir, max_length, layers=recipe.llm_layers,
-                       instruct_steps=recipe.llm_instruct_steps, option_share=recipe.llm_option_share,
-                       lookup_share=recipe.llm_lookup_share)
     clip = build_clip(out_dir / "clip", low_res)
     convnext = build_convnext(out_dir / "convnext", high_res)
     towers = pretrain_towers(clip, convnext.visual.trunk, high_res, low_res, n_scenes=recipe.tower_scenes,
                              epochs=recipe.tower_epochs, mean=CLIP_MEAN, std=CLIP_STD)
     save_clip(out_dir / "clip", clip, low_res)
     save_convnext(out_dir / "convnext", convnext)
-    marker.write_text(json.dumps({**settings, "llm": llm, "towers": towers}, indent=2))
+    return towers
+
+
+def write_zoo_record(out_dir: str | Path, world_dir: str | Path, high_res: int, low_res: int, max_length: int,
+                     recipe: ZooConfig, llm: dict, towers: dict) -> None:
+    """``zoo.json``, written last: the settings (what :func:`zoo_is_built` compares) and what was measured."""
+    settings = _zoo_settings(world_dir, high_res, low_res, max_length, recipe)
+    (Path(out_dir) / "zoo.json").write_text(json.dumps({**settings, "llm": llm, "towers": towers}, indent=2))
     log.info("tiny zoo written to %s", out_dir)
-    return out_dir
 
 
 def register_cli(subparsers) -> None:
