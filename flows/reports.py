@@ -116,22 +116,25 @@ def publish_scores(scores: list[dict], out_dir: str | Path) -> Path | None:
 
 
 def gallery_samples(box_dir: str | Path, n: int = 8) -> list[tuple]:
-    """``(image, detections, key)`` of the first ``n`` images of a box table that have boxes."""
+    """``(image, detections, key)`` of the first ``n`` images of a box table that have boxes (images without
+    any fill the rest: a detector that finds nothing shows as such)."""
     import pyarrow.parquet as pq
     from PIL import Image
 
     from detector.tables import BoxTable
 
     table = BoxTable.open(box_dir)
-    plan = pq.read_table(Path(box_dir) / "plan.parquet", columns=["image_key", "path"]).to_pylist()
-    samples = []
-    for row in plan:
+    with_boxes, without = [], []
+    for row in pq.read_table(Path(box_dir) / "plan.parquet", columns=["image_key", "path"]).to_pylist():
         detections = table.get(row["image_key"])
-        if detections:
-            with Image.open(row["path"]) as image:
-                samples.append((image.convert("RGB"), detections, row["image_key"]))
-        if len(samples) == n:
+        if detections is not None:
+            (with_boxes if detections else without).append((row["path"], detections, row["image_key"]))
+        if len(with_boxes) == n:
             break
+    samples = []
+    for path, detections, key in (with_boxes + without)[:n]:
+        with Image.open(path) as image:
+            samples.append((image.convert("RGB"), detections, key))
     return samples
 
 
