@@ -216,14 +216,17 @@ def test_generation_stops_at_the_end_of_the_answer(tiny):
 # --------------------------------------------------------------------------- exports
 
 
-def test_export_loads_with_the_auto_classes_and_generates(tiny, tmp_path):
+def test_export_loads_with_the_auto_classes_and_generates(tiny, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from mgllava.model import modeling_mgllava
+
     _, model, processor = tiny
+    monkeypatch.setattr(modeling_mgllava, "EXPORT_SHARD_SIZE", "2MB")  # shards, as a full-size export has
     export = model.export(tmp_path / "export", processor)
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= {
-        p.name for p in export.iterdir()
-    }
+    files = {p.name for p in export.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "processor_config.json", "tokenizer.json"} <= files
+    assert len([name for name in files if name.endswith(".safetensors")]) > 1
     assert json.loads((export / "config.json").read_text())["model_type"] == "mgllava"
     assert AutoConfig.from_pretrained(export).image_seq_length == 64
     loaded = AutoModelForImageTextToText.from_pretrained(export).eval()
