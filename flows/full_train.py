@@ -138,7 +138,7 @@ def full_train(
     # the tiny zoo's LLM (if it is to be built) trains in a child process on one core while this one
     # trains the detector and detects on the others; then this one pretrains the towers, then the child
     # gets every core (BackgroundZoo.result)
-    with BackgroundZoo(config, threads=1, later_threads=cores) as zoo:
+    with BackgroundZoo(config, threads=1, later_threads=cores, child_logging=reports.child_logging()) as zoo:
         if zoo.running:
             torch.set_num_threads(max(1, cores - 1))
         try:

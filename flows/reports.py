@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -45,6 +47,47 @@ def project_logs() -> None:
             logger.addHandler(handler)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _ToRun(logging.Filter):
+    """Address records to a given flow (and task) run: for a process that has no run context of its own."""
+
+    def __init__(self, flow_run_id: str, task_run_id: str | None):
+        super().__init__()
+        self.flow_run_id, self.task_run_id = flow_run_id, task_run_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.flow_run_id, record.task_run_id = self.flow_run_id, self.task_run_id
+        return True
+
+
+class _SentAtOnce(APILogHandler):
+    """An API log handler that sends each line before returning (a pool's child process exits without
+    running exit handlers, which would drop the lines still queued)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.flush()
+
+
+def _send_project_logs(flow_run_id: str, task_run_id: str | None) -> None:
+    handler = _SentAtOnce()
+    handler.addFilter(_ToRun(flow_run_id, task_run_id))
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+        logger.addHandler(handler)
+
+
+def child_logging() -> Callable[[], None] | None:
+    """For a child process the current run starts: a picklable call that, made in the child, sends the
+    project's log lines to this run's Prefect logs (None outside a run)."""
+    task_run, flow_run = TaskRunContext.get(), FlowRunContext.get()
+    if task_run:
+        return functools.partial(_send_project_logs, str(task_run.task_run.flow_run_id), str(task_run.task_run.id))
+    if flow_run and flow_run.flow_run:
+        return functools.partial(_send_project_logs, str(flow_run.flow_run.id), None)
+    return None
 
 
 class Progress:

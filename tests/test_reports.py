@@ -253,3 +253,33 @@ def test_chat_save_draws_the_boxes_the_model_sees(exported, boxy, tiny_world, tm
         before = np.asarray(original.convert("RGB"))
     after = _png(png, size=(before.shape[1], before.shape[0]))
     assert (after != before).any(axis=2).mean() > 0.01  # the boxes changed the picture
+
+
+def _log_in_child() -> None:
+    import logging
+
+    logging.getLogger("mgllava.shapes.zoo").info("tiny LLM text pretraining: a line from the child")
+
+
+@pytest.mark.slow
+def test_a_child_process_logs_into_the_run(prefect_server, monkeypatch):
+    """The kit's LLM trains in a spawned child (mgllava.shapes.BackgroundZoo): its lines reach the run's logs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import reports
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # what a worker's flow run has
+
+    @flow
+    def with_a_child():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=reports.child_logging()) as pool:
+            pool.submit(_log_in_child).result()
+
+    _, run = _run(with_a_child)
+    lines = [log for log in _logs(run) if log.name == "mgllava.shapes.zoo"]
+    assert [log.message for log in lines] == ["tiny LLM text pretraining: a line from the child"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -77,9 +78,11 @@ class BackgroundZoo:
     threads) with ``threads`` torch threads. :meth:`result`, called when the work beside it is done,
     pretrains the vision towers in this process with the other ``later_threads - threads`` threads,
     then lets the child use ``later_threads``: a thread count is a per-thread OpenMP setting that only
-    the child's main thread can change, so that is a signal (SIGUSR1), handled between two of its steps."""
+    the child's main thread can change, so that is a signal (SIGUSR1), handled between two of its steps.
+    ``child_logging`` (picklable, called in the child) sets where the child's log lines go besides stderr
+    (the flow passes one that sends them to its run's Prefect logs)."""
 
-    def __init__(self, config, threads: int, later_threads: int):
+    def __init__(self, config, threads: int, later_threads: int, child_logging: Callable[[], None] | None = None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -87,7 +90,8 @@ class BackgroundZoo:
         self._threads, self._later_threads = threads, later_threads
         if zoo_pending(config):
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_zoo_child_setup, initargs=(threads, later_threads))
+                                             initializer=_zoo_child_setup,
+                                             initargs=(threads, later_threads, child_logging))
             self._pid = self._pool.submit(os.getpid).result()
             self._llm = self._pool.submit(_build_zoo_llm, config)
 
@@ -139,7 +143,7 @@ def _build_zoo_llm(config) -> dict:
                          arguments["recipe"])
 
 
-def _zoo_child_setup(threads: int, later_threads: int) -> None:
+def _zoo_child_setup(threads: int, later_threads: int, child_logging: Callable[[], None] | None) -> None:
     import logging
 
     import torch
@@ -151,3 +155,5 @@ def _zoo_child_setup(threads: int, later_threads: int) -> None:
     logger = logging.getLogger("mgllava")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    if child_logging:
+        child_logging()
