@@ -109,6 +109,8 @@ def test_variant_overrides_change_only_the_variant_seed_and_output() -> None:
 def test_miniature_ablation_of_two_variants(tiny_world, tiny_zoo, tmp_path, capsys, monkeypatch) -> None:
     """`mgllava ablate` (the ablate flow) on two variants: the shared stages once, each variant trained and
     evaluated on the same questions, its export recording the variant, the table in the warehouse."""
+    import json
+
     from conftest import tiny_overrides
     from prefect.testing.utilities import prefect_test_harness
 
@@ -138,4 +140,44 @@ def test_miniature_ablation_of_two_variants(tiny_world, tiny_zoo, tmp_path, caps
                              "WHERE status = 'completed' GROUP BY stage ORDER BY stage").fetchall()
     assert [v[0] for v in variants] == ["low", "low+high+objects"] and detectors == 1  # one box table for both
     assert [stage for stage, n, fewest, most in stages if n == 2 and fewest == most] == ["finetune", "pretrain"]
-    assert len({checkpoint for *_, checkpoint in variants}) == 2
+    for _, granularities, checkpoint in variants:  # each export records its variant
+        assert json.loads((Path(checkpoint) / "config.json").read_text())["granularities"] == json.loads(granularities)
+
+
+@pytest.mark.parametrize("variant", ["low", "low+high", "low+objects"])
+def test_a_variant_builds_trains_exports_and_loads(tiny_config, tmp_path, variant) -> None:
+    """The variant has exactly its modules and object tokens, trains them, and its export records it."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mgllava.ablation import VARIANTS
+    from mgllava.model import OBJECT_TOKEN_INDEX, Boxes, MGLLaVAForConditionalGeneration, MGLLaVAProcessor
+
+    granularities = list(VARIANTS[variant])
+    config = tiny_config.model.model_copy(update={"granularities": granularities})
+    torch.manual_seed(0)
+    model = MGLLaVAForConditionalGeneration.from_config(config)
+    processor = MGLLaVAProcessor.from_config(config)
+    assert (model.fusion is not None, model.box_projector is not None) == ("high" in granularities,
+                                                                          "objects" in granularities)
+    image = Image.new("RGB", (120, 90), (200, 40, 40))
+    boxes = Boxes([[10, 10, 60, 50], [70, 20, 110, 80]], ["square", "circle"], [0.9, 0.8])
+    record = processor([("human", "<image>\nWhat shapes?"), ("gpt", "A red square.")], [image], [boxes])
+    assert int((record["input_ids"] == OBJECT_TOKEN_INDEX).sum()) == (2 if "objects" in granularities else 0)
+    batch = processor.collate([record])
+    model.set_stage("finetune")
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert {name.split(".")[0] for name in trained} == {"llm", "projector"} | (
+        {"fusion"} if "high" in granularities else set()) | ({"box_projector"} if "objects" in granularities else set())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.projector[0].weight, trained["projector.0.weight"])  # it trains
+    model.eval()
+    export = model.export(tmp_path / "export", processor)
+    loaded = AutoModelForImageTextToText.from_pretrained(export).eval()
+    assert loaded.config.granularities == granularities
+    assert AutoProcessor.from_pretrained(export).object_tokens == ("objects" in granularities)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-5)

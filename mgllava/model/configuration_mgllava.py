@@ -6,8 +6,10 @@ A composite Hugging Face config (``model_type = "mgllava"``):
 - ``vision_config``: the low-res tower's ``CLIPVisionConfig``;
 - ``convnext_config``: the high-res tower's ``open_clip_config.json`` (a dict: ``model_cfg``,
   ``preprocess_cfg``), from which the timm ConvNeXt trunk is built;
-- the MG-LLaVA fields of :class:`mgllava.config.ModelConfig` (input sides, CLIP layer, object
-  features, box filtering, text budget) and the two placeholder ids of the expanded text.
+- the MG-LLaVA fields of :class:`mgllava.config.ModelConfig` (the variant's ``granularities``, input
+  sides, CLIP layer, object features, box filtering, text budget) and the two placeholder ids of the
+  expanded text. ``granularities`` records the ablation variant (``["low", "high", "objects"]``, the
+  default and what an export without the key is: MG-LLaVA; ``["low"]``: LLaVA-1.5, and so on).
 
 Placeholder ids are negative, so they can never be real vocabulary ids; the model maps them to
 id 0 before its embedding lookup and overwrites those rows with image and object tokens.
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from mgllava.config import GRANULARITIES
 
 if TYPE_CHECKING:
     from mgllava.config import ModelConfig
@@ -40,6 +44,7 @@ class MGLLaVAConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     convnext_config: dict | None = None  # open_clip_config.json of the ConvNeXt checkpoint
     template: str = "vicuna"
+    granularities: list[str] | None = None  # None: all three, MG-LLaVA
     high_res: int = 768
     low_res: int = 336
     select_layer: int = -2
@@ -57,6 +62,7 @@ class MGLLaVAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.granularities = list(self.granularities or GRANULARITIES)
         self.tie_word_embeddings = self.tie_word_embeddings or bool(self.text_config.tie_word_embeddings)
 
     @property
@@ -72,6 +78,7 @@ class MGLLaVAConfig(PreTrainedConfig):
             vision_config=CLIPVisionConfig.from_pretrained(model_config.vision.clip_path),
             convnext_config=json.loads((Path(model_config.vision.convnext_path) / "open_clip_config.json").read_text()),
             template=model_config.llm.template,
+            granularities=list(model_config.granularities),
             high_res=model_config.vision.high_res,
             low_res=model_config.vision.low_res,
             select_layer=model_config.vision.select_layer,

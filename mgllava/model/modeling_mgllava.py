@@ -7,6 +7,10 @@ Per image (SPEC sections 2-4, shapes at full size):
 - :class:`ConvGateFusion` (CLIP tokens, stage-4 map) -> (576, 1024) -> projector -> (576, D);
 - boxes (K, 4) in the 768 frame -> RoIAlign over the stage maps -> (K, 2880) -> box projector -> (K, D).
 
+A variant of the paper's ablation (``config.granularities``, :mod:`mgllava.ablation`) is built without the
+fusion (no ``"high"``: the projector reads the CLIP tokens as they are) or without the box projector (no
+``"objects"``: no object tokens, and the processor expands none).
+
 The text arrives expanded by :class:`~mgllava.model.processing_mgllava.MGLLaVAProcessor`: per image, N
 ``image_token_id`` placeholders then K ``object_token_id`` placeholders. :meth:`embed_multimodal`
 scatters the image and object tokens into those positions (as transformers' LLaVA does with
@@ -82,9 +86,12 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
         self.high_res_encoder = high_res_encoder or build_high_res_encoder(config.convnext_config)
         low_width, llm_width = self.low_res_encoder.hidden_size, config.text_config.hidden_size  # d, D
-        self.fusion = ConvGateFusion(low_width, self.high_res_encoder.stage_channels[-1])
+        # the variant (config.granularities): the Conv-Gate only with "high", object tokens only with "objects"
+        self.fusion = (ConvGateFusion(low_width, self.high_res_encoder.stage_channels[-1])
+                       if "high" in config.granularities else None)
         self.projector = MLPProjector(low_width, llm_width)
-        self.box_projector = MLPProjector(sum(self.high_res_encoder.stage_channels), llm_width)
+        self.box_projector = (MLPProjector(sum(self.high_res_encoder.stage_channels), llm_width)
+                              if "objects" in config.granularities else None)
         self.post_init()
         self.set_stage("pretrain")
 
@@ -136,7 +143,8 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise ValueError(f"unknown stage {stage!r}; expected 'pretrain' or 'finetune'")
         self.requires_grad_(False)
         for name in PROJECTOR_MODULES:
-            getattr(self, name).requires_grad_(True)
+            if getattr(self, name) is not None:  # a variant may lack the fusion or the box projector
+                getattr(self, name).requires_grad_(True)
         self.llm.requires_grad_(stage == "finetune")
         self.stage = stage
 
@@ -200,8 +208,11 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if frozen is None:
             frozen = self.encode_frozen(pixel_values, boxes)
         frozen = frozen.to(self.device, self.projector[0].weight.dtype)
-        fused = self.fusion(frozen.low_tokens, frozen.high_map)  # (B, N, d)
+        low_tokens = frozen.low_tokens  # (B, N, d)
+        fused = low_tokens if self.fusion is None else self.fusion(low_tokens, frozen.high_map)  # (B, N, d)
         image_tokens = self.projector(fused)  # (B, N, D)
+        if self.box_projector is None:  # a variant without object tokens: K_i = 0
+            return image_tokens, [image_tokens.new_zeros(0, image_tokens.shape[-1])] * len(image_tokens)
         counts = [len(f) for f in frozen.box_features]
         object_tokens = self.box_projector(torch.cat(frozen.box_features)).split(counts)  # B x (K_i, D)
         return image_tokens, list(object_tokens)

@@ -53,6 +53,7 @@ class MGLLaVAProcessor(ProcessorMixin):
         boxes_per_category: int = 20,
         object_tokens_in_max_length: bool = False,
         image_seq_length: int = 576,
+        object_tokens: bool = True,
     ):
         super().__init__(tokenizer)
         self.template = get_template(template) if isinstance(template, str) else template
@@ -64,6 +65,7 @@ class MGLLaVAProcessor(ProcessorMixin):
         self.box_cap_threshold = box_cap_threshold
         self.boxes_per_category = boxes_per_category
         self.object_tokens_in_max_length = object_tokens_in_max_length
+        self.object_tokens = object_tokens  # False: a variant without object tokens expands none (K_i = 0)
         self.pad_token_id: int = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -90,6 +92,7 @@ class MGLLaVAProcessor(ProcessorMixin):
             boxes_per_category=config.boxes_per_category,
             object_tokens_in_max_length=config.object_tokens_in_max_length,
             image_seq_length=n_image_tokens,
+            object_tokens="objects" in config.granularities,
         )
 
     @classmethod
@@ -223,7 +226,7 @@ class MGLLaVAProcessor(ProcessorMixin):
         if len(positions) != len(n_objects):
             raise ValueError(f"{len(positions)} image placeholders, {len(n_objects)} images")
         id_pieces, label_pieces, start = [], [], 0
-        for position, k in zip(positions, n_objects):
+        for position, k in zip(positions, n_objects if self.object_tokens else [0] * len(n_objects)):
             visual = torch.tensor([IMAGE_TOKEN_INDEX] * self.image_seq_length + [OBJECT_TOKEN_INDEX] * k)
             id_pieces += [input_ids[start:position], visual]
             label_pieces += [labels[start:position], torch.full_like(visual, IGNORE_INDEX)]
@@ -234,7 +237,7 @@ class MGLLaVAProcessor(ProcessorMixin):
         self, input_ids: torch.Tensor, labels: torch.Tensor, n_objects: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``object_tokens_in_max_length``, the text cut by the images' object-token counts."""
-        if not self.object_tokens_in_max_length or not n_objects:
+        if not (self.object_tokens and self.object_tokens_in_max_length) or not n_objects:
             return input_ids, labels
         budget = self.max_text_length - sum(n_objects)
         input_ids, labels = input_ids[:budget], labels[:budget]
