@@ -130,16 +130,22 @@ def _table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows])
 
 
-def publish_training(run_ids: list[str], summaries: dict[str, dict], out_dir: str | Path, db_path=None) -> Path:
-    """``loss.png`` (loss and lr per step of each stage, from the warehouse) and a summary table per stage."""
+def publish_training(run_ids: list[str], summaries: dict[str, dict], out_dir: str | Path,
+                     db_path=None) -> Path | None:
+    """``loss.png`` (loss and lr per step of each stage, from the warehouse) and a summary table per stage;
+    only the table when the runs logged no step (a stage resumed at its end). The picture's path, or None."""
     from mgllava import plots
     from warehouse.training import logged_steps
 
-    png = plots.loss_curves(logged_steps(run_ids, db_path=db_path), Path(out_dir) / "loss.png")
     keys = ("steps", "final_loss", "records", "images_without_boxes", "export_dir")
-    rows = [[stage] + [s.get(k) for k in keys] for stage, s in summaries.items()]
-    publish_picture("loss-curves", "Training loss and learning rate", png, "Loss and lr per optimizer step",
-                    _table(["stage", *keys], rows))
+    table = _table(["stage", *keys], [[stage] + [s.get(k) for k in keys] for stage, s in summaries.items()])
+    steps = logged_steps(run_ids, db_path=db_path)
+    if not steps:
+        create_markdown_artifact(key="loss-curves", markdown="### Training\n\nNo step logged in this run.\n\n" + table,
+                                 description="Loss and lr per optimizer step")
+        return None
+    png = plots.loss_curves(steps, Path(out_dir) / "loss.png")
+    publish_picture("loss-curves", "Training loss and learning rate", png, "Loss and lr per optimizer step", table)
     return png
 
 
