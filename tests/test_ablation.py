@@ -144,6 +144,7 @@ def test_miniature_ablation_of_two_variants(tiny_world, tiny_zoo, tmp_path, caps
         assert json.loads((Path(checkpoint) / "config.json").read_text())["granularities"] == json.loads(granularities)
 
 
+@pytest.mark.slow  # builds, trains a step and exports a tiny model per variant
 @pytest.mark.parametrize("variant", ["low", "low+high", "low+objects"])
 def test_a_variant_builds_trains_exports_and_loads(tiny_config, tmp_path, variant) -> None:
     """The variant has exactly its modules and object tokens, trains them, and its export records it."""
