@@ -72,12 +72,14 @@ def test_task_plans_and_files(tiny_world, tiny_zoo, tmp_path, monkeypatch):
         assert (stock_tasks_dir() / bench.stock_yaml).is_file(), bench.stock_yaml
     monkeypatch.delenv("JUDGE_KEY", raising=False)
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path / "w") + [
-        f"eval.data_dirs={{vqav2: {tmp_path / 'vqa'}, mmvet: {tmp_path / 'mmvet'}}}",
+        f"eval.data_dirs.vqav2={tmp_path / 'vqa'}",
+        f"eval.data_dirs.mmvet={tmp_path / 'mmvet'}",
         "eval.judge_api_key_env=JUDGE_KEY",
     ])
     plans = {p.name: p for p in plan_tasks(config, list(BENCHMARKS))}
     assert {n for n, p in plans.items() if p.status == "ready"} == {"pope", "mmbench", "textvqa", "gqa", "vqav2"}
-    assert plans["pope"].data_source == "world" and plans["vqav2"].data_source == "config"
+    assert plans["pope"].data_dir == str(tiny_world / "bench" / "pope")
+    assert plans["vqav2"].data_dir == str(tmp_path / "vqa")
     assert "eval.data_dirs.mme" in plans["mme"].reason
     assert "$JUDGE_KEY" in plans["mmvet"].reason and "$JUDGE_KEY" in plans["mathvista"].reason
     monkeypatch.setenv("JUDGE_KEY", "k")
@@ -203,7 +205,7 @@ def test_evaluate_flow_end_to_end(prefect_server, exported, boxy, tiny_world, ti
     (tmp_path / "broken").mkdir()  # exists, but is not a saved dataset
     overrides = tiny_overrides(tiny_world, tiny_zoo, tmp_path / "w") + [
         f"detector.model={boxy}", "detector.imgsz=160", "eval.max_new_tokens=3", "eval.batch_size=8",
-        f"eval.data_dirs={{textvqa: {tmp_path / 'broken'}}}", "data.boxes_dir=" + str(tmp_path / "no-table"),
+        f"eval.data_dirs.textvqa={tmp_path / 'broken'}", "data.boxes_dir=" + str(tmp_path / "no-table"),
     ]
     db = str(tmp_path / "wh.duckdb")
     rows = run_evaluate(exported, max_workers=2, overrides=overrides, warehouse=db,
