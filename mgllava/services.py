@@ -81,9 +81,14 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def _identity(pid: int) -> dict:
-    """What identifies the live process ``pid``: its PID, start time and command line."""
+def _identity(pid: int, command: list[str] | None = None, timeout: float = 10.0) -> dict:
+    """What identifies the live process ``pid``: its PID, start time and command line. With the
+    ``command`` it was spawned with, wait (up to ``timeout`` s) until it runs that command: just after
+    the fork it still shows its parent's command line, which would not match later."""
     process = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while command and process.cmdline()[-(len(command) - 1):] != command[1:] and time.monotonic() < deadline:
+        time.sleep(0.05)
     return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
 
 
@@ -185,7 +190,7 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
                 raise UsageError("--port", f"port {port} on {HOST} is taken by another program: pick another --port")
             command = _prefect("server", "start", "--host", HOST, "--port", str(port))
             pid = _spawn(command, prefect_env(api_url), logs / "prefect-server.log")
-            state["server"] = {**_identity(pid), "api_url": api_url, "log": str(logs / "prefect-server.log")}
+            state["server"] = {**_identity(pid, command), "api_url": api_url, "log": str(logs / "prefect-server.log")}
             _write_state(state)
             log.info("starting Prefect server (pid %d) at %s", pid, api_url)
             _wait_healthy(api_url, server_timeout, logs / "prefect-server.log")
@@ -208,7 +213,7 @@ def up(port: int = DEFAULT_PORT, server_timeout: float = 180.0) -> dict:
     else:
         command = _prefect("worker", "start", "--pool", POOL, "--type", "process")
         pid = _spawn(command, env, logs / "prefect-worker.log")
-        state["worker"] = {**_identity(pid), "pool": POOL, "log": str(logs / "prefect-worker.log")}
+        state["worker"] = {**_identity(pid, command), "pool": POOL, "log": str(logs / "prefect-worker.log")}
         log.info("started worker (pid %d) on pool %r", pid, POOL)
     _write_state(state)
     return state

@@ -81,3 +81,16 @@ def test_prefect_processes_do_not_inherit_this_process_s_distributed_world(monke
     monkeypatch.setenv("RANK", "0")
     env = services.prefect_env("http://127.0.0.1:4200/api")
     assert "MASTER_PORT" not in env and "RANK" not in env and env["PREFECT_API_URL"].endswith("/api")
+
+
+def test_up_records_the_command_line_the_process_runs_not_the_one_before_its_exec():
+    """``up`` records a spawned process's identity once it runs the spawned command (a process still
+    showing another command line would later be mistaken for someone else's and left running)."""
+    process = subprocess.Popen(["sh", "-c", "sleep 0.5; exec sleep 60"], start_new_session=True)
+    try:
+        recorded = services._identity(process.pid, ["sleep", "60"])
+        assert recorded["cmdline"] == ["sleep", "60"]
+        assert services._not_ours(recorded) is None
+    finally:
+        process.kill()
+        process.wait()
