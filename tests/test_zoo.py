@@ -236,7 +236,7 @@ def test_zoo_child_moves_to_more_threads_on_the_signal():
     logger = logging.getLogger("mgllava")
     handlers, level = list(logger.handlers), logger.level
     try:
-        _zoo_child_setup(1, 2)
+        _zoo_child_setup(1, 2, None)
         assert torch.get_num_threads() == 1
         os.kill(os.getpid(), signal.SIGUSR1)
         assert torch.get_num_threads() == 2
