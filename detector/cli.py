@@ -202,10 +202,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from mgllava.cli import config_from_args
+    from mgllava.cli import UsageError, config_from_args
 
     config = config_from_args(args)
     tc = config.detector.train
+    if not (args.data or tc.data):
+        raise UsageError("--data", "no YOLO dataset YAML: give --data FILE or set detector.train.data")
     out = args.out or str(Path(config.detector.model).parent.parent)
     from detector.errors import DetectorError, DetectorQualityError
     from detector.train import METRICS_FILE, train_detector

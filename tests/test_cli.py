@@ -31,6 +31,7 @@ USER_ERRORS = [
     (["detect", "import", "--boxes", NOPE, "--corpus", "{file}", "--image-root", "{dir}", "--out", "{dir}"],
      "--boxes"),
     (["detector-train", "--data", NOPE], "--data"),
+    (["detector-train", "--preset", "vicuna-7b"], "--data"),  # full size: no dataset to train a detector on
     (["train", "--stage", "middle"], "--stage"),
     (["evaluate", "--model", NOPE], "--model"),
     (["evaluate", "--model", "{dir}", "--benchmarks", "pope,nope"], "--benchmarks"),
