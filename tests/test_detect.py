@@ -57,22 +57,6 @@ def png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def boxy_weights(tmp_path_factory):
-    """yolo11n with random weights and a raised class bias: it 'detects' boxes everywhere."""
-    import torch
-    from ultralytics import YOLO
-
-    torch.manual_seed(0)
-    model = YOLO("yolo11n.yaml")
-    head = model.model.model[-1]
-    with torch.no_grad():
-        for seq in head.cv3:  # classes 0-4 score high everywhere, the others stay near 0
-            seq[-1].bias[:5] = 3.0
-    path = tmp_path_factory.mktemp("weights") / "boxy.pt"
-    model.save(str(path))
-    return str(path)
-
 
 def settings(model: str = "yolo11n.yaml", **kw) -> DetectorSettings:
     base = dict(model=model, conf=0.25, imgsz=160, batch=4, max_det=10, device="cpu")
@@ -91,11 +75,11 @@ def read_rejects(out):
 # --------------------------------------------------------------------------- schema and values
 
 
-def test_schema_and_values(tmp_path, boxy_weights):
+def test_schema_and_values(tmp_path, boxy):
     images = tmp_path / "images"
     keys = make_images(images, 10)
     threads = torch.get_num_threads()
-    res = pipeline.run_detection([images], tmp_path / "out", settings(boxy_weights), shard_size=4)
+    res = pipeline.run_detection([images], tmp_path / "out", settings(boxy), shard_size=4)
     assert torch.get_num_threads() == threads  # Ultralytics' CPU setting does not outlive detection
     out = res.out
     assert res.computed_shards == [0, 1, 2] and not res.skipped
@@ -133,7 +117,7 @@ def test_schema_and_values(tmp_path, boxy_weights):
     assert m["status"] == "complete" and m["schema_version"] == schema.SCHEMA_VERSION
     assert m["totals"]["rows"] == 10 and m["totals"]["rejects"] == 0 and m["totals"]["boxes"] == total_boxes
     assert [s["index"] for s in m["shards"]] == [0, 1, 2] and [s["images"] for s in m["shards"]] == [4, 4, 2]
-    assert m["detector"]["weights_sha256"] == hashlib.sha256(open(boxy_weights, "rb").read()).hexdigest()
+    assert m["detector"]["weights_sha256"] == hashlib.sha256(open(boxy, "rb").read()).hexdigest()
 
 
 def test_no_detections_are_rows_with_empty_lists(tmp_path):
@@ -306,14 +290,14 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         pipeline.run_detection([tmp_path], tmp_path / "out", settings(str(tmp_path / "nope.pt")))
 
 
-def test_closed_set_class_filter(tmp_path, boxy_weights):
+def test_closed_set_class_filter(tmp_path, boxy):
     images = tmp_path / "images"
     make_images(images, 2)
-    res = pipeline.run_detection([images], tmp_path / "out", settings(boxy_weights, classes=("0", "5")))
+    res = pipeline.run_detection([images], tmp_path / "out", settings(boxy, classes=("0", "5")))
     labels = {b["label"] for row in read_boxes(res.out)["boxes"].to_pylist() for b in row}
     assert labels and labels <= {"0", "5"}
     with pytest.raises(DetectorError, match="closed-set"):
-        pipeline.run_detection([images], tmp_path / "out2", settings(boxy_weights, classes=("unicorn",)))
+        pipeline.run_detection([images], tmp_path / "out2", settings(boxy, classes=("unicorn",)))
 
 
 def test_yoloe_prompts_need_embeddings(tmp_path):

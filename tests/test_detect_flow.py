@@ -18,27 +18,6 @@ from detector.model import DetectorSettings
 pytestmark = pytest.mark.slow  # a temporary Prefect server (~10-20 s to start)
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
-def boxy(tmp_path_factory):
-    import torch
-    from ultralytics import YOLO
-
-    torch.manual_seed(1)
-    model = YOLO("yolo11n.yaml")
-    with torch.no_grad():
-        for seq in model.model.model[-1].cv3:
-            seq[-1].bias[:3] = 3.0
-    path = tmp_path_factory.mktemp("w") / "boxy.pt"
-    model.save(str(path))
-    return str(path)
 
 
 def make_images(folder, n):

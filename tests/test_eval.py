@@ -14,32 +14,6 @@ from conftest import tiny_overrides
 from mgllava.config import load_config
 
 
-@pytest.fixture(scope="module")
-def boxy(tmp_path_factory):
-    """yolo11n with random weights and a raised class bias: it 'detects' boxes everywhere."""
-    import torch
-    from ultralytics import YOLO
-
-    torch.manual_seed(0)
-    model = YOLO("yolo11n.yaml")
-    with torch.no_grad():
-        for seq in model.model.model[-1].cv3:
-            seq[-1].bias[:5] = 3.0
-    path = tmp_path_factory.mktemp("det") / "boxy.pt"
-    model.save(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_world, tiny_zoo, tmp_path_factory):
-    """An untrained tiny MG-LLaVA, exported (the pipeline does not need a trained one)."""
-    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
-
-    config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path_factory.mktemp("w")))
-    model = MGLLaVAForConditionalGeneration.from_config(config.model)
-    return str(model.export(tmp_path_factory.mktemp("export") / "model", MGLLaVAProcessor.from_config(config.model)))
-
-
 def cli(argv: list[str]) -> int:
     """Run ``mgllava <argv>`` through this module's ``register_cli`` on a fresh parser."""
     from mgllava.eval.cli import register_cli
@@ -188,13 +162,6 @@ def test_results_replace_and_read_only(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the flow, end to end
 
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.mark.slow

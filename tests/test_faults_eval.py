@@ -120,13 +120,6 @@ def test_writers_killed_at_arbitrary_moments(tmp_path, fault_ledger):
 # ----------------------------------------------------------------------------- the flow's failure paths
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
 
 @pytest.mark.slow
 def test_flow_failures_end_the_run_failed(prefect_server, tmp_path, monkeypatch, fault_ledger):
