@@ -168,6 +168,18 @@ def test_generate_equals_a_reference_greedy_loop(tiny):
     assert generated[0, prompt:].tolist() == ids[0, prompt:].tolist()
 
 
+def test_logits_processors_that_index_by_the_sequence_s_ids_work(tiny):
+    """``repetition_penalty`` and ``no_repeat_ngram_size`` read the vocabulary at the sequence's ids: the
+    prompt's placeholders (negative ids) must not reach them (they raised, or banned the wrong token)."""
+    _, model, processor = tiny
+    inputs = processor.chat_inputs([IMAGES[0]], [BOXES[0]], ["What shapes are there?"])
+    prompt, ids = inputs["input_ids"].shape[1], inputs["input_ids"][0]
+    model.generate(**inputs, max_new_tokens=4, do_sample=False, repetition_penalty=1.5)
+    new = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                         no_repeat_ngram_size=1)[0, prompt:].tolist()
+    assert len(set(new)) == len(new) and not set(new) & set(ids[ids >= 0].tolist())
+
+
 QUESTIONS = ["What shapes are there?", "Say something long and friendly please.", "Where is it?"]
 
 

@@ -286,36 +286,25 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, *args, boxes=None, image_features=None, is_first_iteration=False,
-                                      **kwargs):
-        """As GenerationMixin's; the images (``pixel_values``, ``boxes``, ``image_features``) only reach the
-        first forward pass: later steps read them from the KV cache."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            inputs.update(boxes=boxes, image_features=image_features)
-        return inputs
-
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
-                                      input_ids: torch.Tensor | None = None, **model_kwargs):
-        """As GenerationMixin's (rows repeated ``expand_size`` times for beam search or several return
-        sequences), with each row's images repeated along: a row may hold any number of images."""
-        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "boxes", "image_features")}
-        if expand_size > 1 and input_ids is not None:
-            per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length).tolist()
-            starts = [sum(per_row[:row]) for row in range(len(per_row))]
-            order = [start + i for start, n in zip(starts, per_row) for _ in range(expand_size) for i in range(n)]
-            if images["pixel_values"] is not None:
-                images["pixel_values"] = images["pixel_values"][order]
-            if images["boxes"] is not None:
-                images["boxes"] = [images["boxes"][i] for i in order]
-            if (features := images["image_features"]) is not None:
-                images["image_features"] = FrozenImageFeatures(
-                    features.low_tokens[order], features.high_map[order], [features.box_features[i] for i in order]
-                )
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
-        )
-        return input_ids, {**model_kwargs, **{key: value for key, value in images.items() if value is not None}}
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        boxes: list[torch.Tensor] | None = None,
+        image_features: FrozenImageFeatures | None = None,
+        **kwargs,
+    ):
+        """GenerationMixin's ``generate`` (every decoding option, the KV cache) on a prompt whose images are
+        spliced in first: the prompt goes in as ``inputs_embeds`` (B, T, D), and decoding sees its token
+        ids with each placeholder as the pad token, so that logits processors which index the vocabulary
+        by the sequence's ids (``repetition_penalty``, ...) work. Beam search repeats the embedded rows."""
+        if input_ids is not None and kwargs.get("inputs_embeds") is None:
+            kwargs["inputs_embeds"] = self.embed_multimodal(input_ids, pixel_values, boxes, image_features)
+            pad = self.generation_config.pad_token_id
+            placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.object_token_id)
+            input_ids = input_ids.masked_fill(placeholders, 0 if pad is None else pad)
+        return super().generate(input_ids=input_ids, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
 
