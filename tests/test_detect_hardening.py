@@ -8,8 +8,8 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest
-from test_detect import boxy_weights, make_images, settings  # noqa: F401  (boxy_weights: a fixture)
-from test_detect_flow import _same, _table, prefect_server  # noqa: F401  (prefect_server: a fixture)
+from test_detect import make_images, settings
+from test_detect_flow import _same, _table
 
 from detector.errors import DetectorError
 from detector.model import Detector, DetectorSettings
@@ -242,7 +242,7 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
 
 
 @pytest.mark.slow  # a Prefect server and two Dask worker processes that import torch and Ultralytics
-def test_flow_on_dask_worker_processes_writes_the_rows_of_a_local_run(tmp_path, prefect_server, boxy_weights):  # noqa: F811
+def test_flow_on_dask_worker_processes_writes_the_rows_of_a_local_run(tmp_path, prefect_server, boxy):
     """What ``mgllava detect --dask-address`` runs: the flow in this process holds the lock; planning, the
     shards and finishing run as tasks in two worker processes."""
     from distributed import Client, LocalCluster
@@ -253,7 +253,7 @@ def test_flow_on_dask_worker_processes_writes_the_rows_of_a_local_run(tmp_path, 
     images = tmp_path / "images"
     make_images(images, 9)
     (images / "empty.png").write_bytes(b"")
-    s = settings(boxy_weights, batch=2)
+    s = settings(boxy, batch=2)
     local = pipeline.run_detection([images], tmp_path / "local", s, shard_size=2)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_detect import boxy_weights, make_images, settings  # noqa: F401  (boxy_weights: a fixture)
+from test_detect import make_images, settings
 from test_detect_flow import _same, _table
 
 from detector import pipeline
@@ -69,13 +69,13 @@ pipeline.run_detection([images], out, pipeline.settings_from_manifest({"settings
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, boxy_weights):  # noqa: F811
+def corpus(tmp_path_factory, boxy):
     """20 images (one of them an empty file, i.e. a reject) and the box table of an uninterrupted run."""
     root = tmp_path_factory.mktemp("faults")
     images = root / "images"
     make_images(images, 19)
     (images / "empty.png").write_bytes(b"")
-    s = settings(boxy_weights, batch=2)
+    s = settings(boxy, batch=2)
     ref = pipeline.run_detection([images], root / "reference", s, shard_size=SHARD_SIZE)
     assert ref.manifest["totals"]["images"] == 20 and ref.manifest["totals"]["boxes"] > 0
     return images, s, root / "reference", ref.manifest
