@@ -150,3 +150,14 @@ def exported(tiny_world, tiny_zoo, tmp_path_factory):
     config = load_config(overrides=tiny_overrides(tiny_world, tiny_zoo, tmp_path_factory.mktemp("w")))
     model = MGLLaVAForConditionalGeneration.from_config(config.model)
     return str(model.export(tmp_path_factory.mktemp("export") / "model", MGLLaVAProcessor.from_config(config.model)))
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that `up` did not start (its own process group, as `up`'s children are)."""
+    import subprocess
+
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()

@@ -137,13 +137,6 @@ def test_prefect_state_lives_under_mgllava_home(monkeypatch, tmp_path):
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "home" / "prefect")
 
 
-@pytest.fixture
-def sleeper():
-    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield process
-    process.kill()
-    process.wait()
-
 
 def test_status_shows_server_worker_warehouse_and_last_runs(sleeper, tmp_path, capsys, monkeypatch):
     import psutil

@@ -11,15 +11,6 @@ import pytest
 from mgllava import services
 
 
-@pytest.fixture
-def sleeper():
-    """A live process that `up` did not start (its own process group, as `up`'s children are)."""
-    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield process
-    process.kill()
-    process.wait()
-
-
 def _record(**entries) -> None:
     services.state_file().parent.mkdir(parents=True, exist_ok=True)
     services.state_file().write_text(json.dumps(entries))

@@ -7,7 +7,6 @@ import os
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_train import _Toy, _toy_collate
 
 from detector import pipeline
 from detector.model import DetectorSettings
@@ -81,15 +81,6 @@ def test_prefetch_reads_ahead_keeps_order_and_raises_where_the_error_was():
         next(loaded)
 
 
-class _Toy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, input_ids, target, **_):
-        return SimpleNamespace(loss=((self.linear(input_ids) - target) ** 2).mean())
-
-
 class _ToyData(torch.utils.data.Dataset):
     def __len__(self):
         return 16
@@ -97,11 +88,6 @@ class _ToyData(torch.utils.data.Dataset):
     def __getitem__(self, index):
         x = torch.randn(4, generator=torch.Generator().manual_seed(index))
         return x, x.sum(0, keepdim=True)
-
-
-def _toy_collate(items):
-    return {"input_ids": torch.stack([x for x, _ in items]), "target": torch.stack([y for _, y in items]),
-            "skipped": [], "n_tokens": len(items)}
 
 
 def test_training_reads_the_loss_only_at_logging_steps_and_uses_fused_adamw(tmp_path, monkeypatch):
