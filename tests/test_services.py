@@ -20,30 +20,25 @@ def _running(process) -> bool:
     return process.poll() is None
 
 
-def _identity(pid: int) -> dict:
-    process = psutil.Process(pid)
-    return {"pid": pid, "create_time": process.create_time(), "cmdline": process.cmdline()}
-
-
 @pytest.mark.parametrize("recorded", [
     pytest.param(lambda me: {**me, "create_time": me["create_time"] - 3600}, id="another start time"),
     pytest.param(lambda me: {**me, "cmdline": ["prefect", "worker", "start"]}, id="another command line"),
     pytest.param(lambda me: {"pid": me["pid"]}, id="no identity recorded"),
 ])
 def test_down_leaves_an_unrelated_process_alone(sleeper, capsys, fault_ledger, recorded):
-    _record(worker=recorded(_identity(sleeper.pid)))
+    _record(worker=recorded(services._identity(sleeper.pid)))
     assert services._down(None) == 0
     out = capsys.readouterr().out
     fault_ledger.record("mgllava down with a recycled PID", _running(sleeper))
     assert _running(sleeper)
     assert f"worker: left alone: pid {sleeper.pid}" in out
     assert not services.state_file().exists()
-    _record(worker=recorded(_identity(sleeper.pid)))
+    _record(worker=recorded(services._identity(sleeper.pid)))
     assert services.status()["worker"] is False  # `up` would start a new worker, not adopt this one
 
 
 def test_down_stops_the_recorded_process(sleeper, capsys):
-    _record(worker=_identity(sleeper.pid), server={"pid": 2**22 + 7, "create_time": 0.0, "cmdline": []})
+    _record(worker=services._identity(sleeper.pid), server={"pid": 2**22 + 7, "create_time": 0.0, "cmdline": []})
     assert services.status()["worker"] is True
     state = services.down()
     assert sleeper.wait(timeout=10) is not None
