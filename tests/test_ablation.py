@@ -171,6 +171,15 @@ def test_a_variant_builds_trains_exports_and_loads(tiny_config, tmp_path, varian
     trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert {name.split(".")[0] for name in trained} == {"llm", "projector"} | (
         {"fusion"} if "high" in granularities else set()) | ({"box_projector"} if "objects" in granularities else set())
+    convnext_calls = []
+    model.high_res_encoder.register_forward_hook(lambda *args: convnext_calls.append(1))
+    frozen = model.encode_frozen(batch["pixel_values"], batch["boxes"])  # only what the variant reads
+    assert len(convnext_calls) == (0 if variant == "low" else 1)
+    assert (frozen.high_map is not None) == ("high" in granularities)
+    assert [len(f) for f in frozen.box_features] == [2 if "objects" in granularities else 0]
+    cached = processor.with_image_features([("human", "<image>\nWhat shapes?"), ("gpt", "A red square.")],
+                                           frozen.unbind())
+    assert torch.equal(cached["input_ids"], record["input_ids"])  # cached features expand the same placeholders
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(**batch).loss.backward()
     optimizer.step()

@@ -182,11 +182,18 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def encode_frozen(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> FrozenImageFeatures:
         """What the frozen encoders make of ``pixel_values`` (B, 3, H, H) and B box tensors (K_i, 4) in
-        the H frame. No autograd: nothing here trains, so training may compute it once per image."""
+        the H frame. No autograd: nothing here trains, so training may compute it once per image. A variant
+        computes only what it reads: without ``"high"`` no ``high_map``, without ``"objects"`` no RoIAlign
+        (K_i = 0), and ``low`` alone runs no ConvNeXt."""
         dtype = self.projector[0].weight.dtype
         pixel_values = pixel_values.to(self.device, dtype)
-        stage_maps = self.high_res_encoder(pixel_values)  # 4 x (B, C_s, H/stride_s, H/stride_s)
         low_tokens = self.low_res_encoder(downsample(pixel_values, self.config.low_res))  # (B, N, d)
+        if self.fusion is None and self.box_projector is None:  # the variant "low" reads no ConvNeXt
+            return FrozenImageFeatures(low_tokens, None, [low_tokens.new_zeros(0, 0)] * len(low_tokens))
+        stage_maps = self.high_res_encoder(pixel_values)  # 4 x (B, C_s, H/stride_s, H/stride_s)
+        high_map = stage_maps[-1] if self.fusion is not None else None
+        if self.box_projector is None:  # no object tokens: K_i = 0, no RoIAlign
+            return FrozenImageFeatures(low_tokens, high_map, [low_tokens.new_zeros(0, 0)] * len(low_tokens))
         box_features = pool_object_features(
             stage_maps,
             boxes,
@@ -195,7 +202,7 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
             method=self.config.object_features,
             aligned=self.config.roi_aligned,
         )  # B x (K_i, C_total)
-        return FrozenImageFeatures(low_tokens, stage_maps[-1], list(box_features))
+        return FrozenImageFeatures(low_tokens, high_map, list(box_features))
 
     def encode_images(
         self,

@@ -96,34 +96,37 @@ class FrozenImageFeatures:
     """The frozen encoders' outputs for B images, as far as the trainable modules read them."""
 
     low_tokens: torch.Tensor  # (B, N, d): CLIP tokens
-    high_map: torch.Tensor  # (B, C_4, h, w): the last ConvNeXt stage, fused in by the Conv-Gate
-    box_features: list[torch.Tensor]  # B x (K_i, C_total): RoI features over all four stages
+    high_map: torch.Tensor | None  # (B, C_4, h, w): the last ConvNeXt stage, fused in by the Conv-Gate (None: no fusion)
+    box_features: list[torch.Tensor]  # B x (K_i, C_total): RoI features over all four stages (K_i = 0: none)
 
     def __len__(self) -> int:
         return len(self.low_tokens)
 
     @property
     def nbytes(self) -> int:
-        return self.low_tokens.nbytes + self.high_map.nbytes + sum(f.nbytes for f in self.box_features)
+        high = 0 if self.high_map is None else self.high_map.nbytes
+        return self.low_tokens.nbytes + high + sum(f.nbytes for f in self.box_features)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenImageFeatures:
-        def move(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device=device, dtype=dtype or tensor.dtype)
 
         return FrozenImageFeatures(move(self.low_tokens), move(self.high_map), [move(f) for f in self.box_features])
 
     def unbind(self) -> list[FrozenImageFeatures]:
         """One single-image (B = 1) copy per image, detached from this batch's storage."""
+        highs = [None] * len(self) if self.high_map is None else [high[None].clone() for high in self.high_map]
         return [
-            FrozenImageFeatures(low[None].clone(), high[None].clone(), [boxes.clone()])
-            for low, high, boxes in zip(self.low_tokens, self.high_map, self.box_features)
+            FrozenImageFeatures(low[None].clone(), high, [boxes.clone()])
+            for low, high, boxes in zip(self.low_tokens, highs, self.box_features)
         ]
 
     @classmethod
     def cat(cls, items: list[FrozenImageFeatures]) -> FrozenImageFeatures:
+        highs = [f.high_map for f in items]
         return cls(
             torch.cat([f.low_tokens for f in items]),
-            torch.cat([f.high_map for f in items]),
+            None if highs[0] is None else torch.cat(highs),
             [boxes for f in items for boxes in f.box_features],
         )
 
