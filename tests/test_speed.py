@@ -81,6 +81,24 @@ def test_prefetch_reads_ahead_keeps_order_and_raises_where_the_error_was():
         next(loaded)
 
 
+def test_prefetch_runs_torch_on_one_thread_and_leaves_the_callers_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the training thread's count (two cores), whatever the test process had
+    try:
+        counts = list(prefetch(torch.get_num_threads() for _ in range(3)))  # read inside the producer thread
+        assert counts == [1, 1, 1]  # no second team of two OpenMP threads beside the step's
+        assert torch.get_num_threads() == 2
+        deadline = time.monotonic() + 10
+        while any(t.name == "prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start(), later.join()
+        assert seen == [2]  # the process's default is back once the producer has ended
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _ToyData(torch.utils.data.Dataset):
     def __len__(self):
         return 16

@@ -379,10 +379,17 @@ def fused_adamw_supported(parameters: list[torch.Tensor]) -> bool:
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
     """``items``, produced up to ``depth`` ahead by a background thread (image decoding, resizing and
     tokenising release the GIL often enough to overlap the step); an exception is raised where its
-    item would have been."""
+    item would have been.
+
+    The thread runs its torch operations (pixel normalisation, collation) on one intra-op thread: with
+    the process's count it would start a second OpenMP team beside the training step's, more threads
+    than cores. The count is per thread (the caller's stays as it is); new threads take the process's
+    count again once the producer ends.
+    """
     queue: Queue = Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
+    threads = torch.get_num_threads()  # also fixes the caller's own count before the producer changes the default
 
     def put(entry: tuple) -> bool:
         while not stop.is_set():  # the consumer may have stopped early
@@ -394,6 +401,7 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
         return False
 
     def produce() -> None:
+        torch.set_num_threads(1)
         try:
             for item in items:
                 if not put((item, None)):
@@ -401,6 +409,8 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
             put((done, None))
         except BaseException as exc:  # handed to the consumer
             put((done, exc))
+        finally:
+            torch.set_num_threads(threads)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
