@@ -168,7 +168,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     from mgllava.config import load_config
 
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
-    load_config(preset=args.preset, path=args.config, overrides=overrides)  # a bad one fails here, at once
+    # a bad configuration or a missing input fails here, at once, before any Prefect server starts
+    load_config(preset=args.preset, path=args.config, overrides=overrides).check_run_inputs()
     rows = args.run_flow(preset=args.preset, config_file=args.config, overrides=args.overrides,
                          variants=args.variants, seeds=args.seeds, benchmarks=args.benchmarks,
                          work_dir=args.work_dir, fresh=args.fresh)

@@ -163,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
     from mgllava.eval.cli import format_table
 
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
-    load_config(preset=args.preset, path=args.config, overrides=overrides)  # a bad one fails here, at once
+    # a bad configuration or a missing input fails here, at once, before any Prefect server starts
+    load_config(preset=args.preset, path=args.config, overrides=overrides).check_run_inputs()
     _use_running_server()
     from flows.full_train import full_train
 

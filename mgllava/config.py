@@ -342,6 +342,18 @@ class Config(_Section):
             if not Path(value).exists():
                 raise ConfigError(f"config field '{dotted}': path does not exist: {value}")
 
+    def check_run_inputs(self) -> None:
+        """Before a whole run (``mgllava run``, ``mgllava ablate``) starts anything: the local inputs it
+        reads must exist (:meth:`check_paths`): the model's checkpoints, the images and both stages'
+        conversations, and the detector's weights (or, without them, ``detector.train.data`` to train
+        one). With the demo kit (``shapes``) the run generates them itself, so nothing is checked."""
+        if self.shapes is not None:
+            return
+        detector = ("detector.train.data" if self.detector.train.data and not Path(self.detector.model).exists()
+                    else "detector.model")
+        self.check_paths("model.llm.path", "model.vision.clip_path", "model.vision.convnext_path",
+                         "data.image_root", "data.pretrain_json", "data.finetune_json", detector)
+
     def unset_fields(self) -> list[str]:
         """The dotted fields still holding a full-size preset's ``???`` placeholder."""
 

@@ -19,6 +19,10 @@ from mgllava.cli import build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 NOPE = "/no/such/path"
 
+FULL_SIZE_INPUTS = [arg for field in ("model.llm.path", "model.vision.clip_path", "model.vision.convnext_path",
+                                      "data.image_root", "data.pretrain_json", "data.finetune_json")
+                    for arg in ("--set", f"{field}={{dir}}")]
+
 # (command line, the argument its one error line names); "{dir}"/"{file}" are an existing directory/file
 USER_ERRORS = [
     (["run", "--benchmarks", "pope,nope"], "--benchmarks"),
@@ -48,6 +52,10 @@ USER_ERRORS = [
     (["config", "--config", NOPE + ".yaml"], "--config"),
     (["show-sample", "--stage", "both"], "--stage"),
     (["ablate", "--variants", "low,everything"], "--variants"),
+    # a full-size run's inputs are checked before any Prefect server starts
+    (["run", "--preset", "vicuna-7b", *FULL_SIZE_INPUTS, "--set", f"data.finetune_json={NOPE}"],
+     "data.finetune_json"),
+    (["ablate", "--preset", "vicuna-7b", *FULL_SIZE_INPUTS, "--set", f"detector.model={NOPE}.pt"], "detector.model"),
 ]
 
 
