@@ -1,18 +1,21 @@
 """Training-loop overhead: the full loop (data loading + DeepSpeed step) vs a plain torch loop.
 
 Both train the same tiny MG-LLaVA (finetune stage: the LLM and the projectors) for the
-same number of optimizer steps at the same micro-batch. The plain loop runs forward,
-backward and ``torch.optim.AdamW.step`` on batches built before the clock starts; the
-full loop is :func:`mgllava.train.engine.run_stage`: images decoded and preprocessed,
+same number of optimizer steps on the same micro-batches (the full loop's data order). The
+plain loop runs forward, backward, gradient clipping (the engine clips too) and
+``torch.optim.AdamW.step`` on batches built before the clock starts; the full loop is :func:`mgllava.train.engine.run_stage`: images decoded and preprocessed,
 conversations tokenised and collated, a DeepSpeed ZeRO-2 engine. Prints seconds per
 step for both and the overhead ratio (target: at most 10%). A third run is the full loop
 with ``data.cache_image_features`` (each image encoded once by the frozen encoders
 before the first step): its seconds per step, the speed-up over the uncached full
 loop, and what the one-off encoding cost. Both optimizers are the same AdamW (fused where the
 device has the kernel, as the engine's). The last line of the output is one JSON object with the
-figures.
+figures. ``--breakdown`` splits the overhead: the full loop once more on samples loaded
+before it starts (the engine's share: DeepSpeed, bookkeeping, collation), and the CPU
+seconds that loading one batch costs on one thread (the data's share, which the loop
+overlaps with the step on the same cores).
 
-    python benchmarks/train_step.py [--steps 12] [--batch 8] [--work DIR]
+    python benchmarks/train_step.py [--steps 12] [--batch 8] [--work DIR] [--breakdown]
 
 ``--work DIR`` keeps the world and zoo there and reuses them on the next run.
 """
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed in each loop")
     parser.add_argument("--batch", type=int, default=8, help="samples per step (one micro-batch)")
     parser.add_argument("--work", help="directory for the world and zoo (default: a temporary one)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the engine alone and the data alone")
     args = parser.parse_args()
 
     import torch
@@ -46,6 +50,7 @@ def main() -> None:
     from mgllava.shapes.zoo import build_zoo
     from mgllava.train.data import Collate, ConversationDataset, cache_image_features, load_conversations
     from mgllava.train.engine import fused_adamw_supported, run_stage
+    from mgllava.train.schedule import micro_batch_order, plan_steps
 
     work = Path(args.work or tempfile.mkdtemp(prefix="train_step_"))
     world, zoo = work / "world", work / "zoo"
@@ -72,8 +77,11 @@ def main() -> None:
     dataset = ConversationDataset(records, world / "images", {}, processor)
     collate = Collate(processor)
 
-    # baseline: pre-built batches, plain forward + backward + AdamW
-    batches = [collate([dataset[i] for i in range(s * args.batch, (s + 1) * args.batch)]) for s in range(args.steps)]
+    stage = StageConfig(global_batch=args.batch, micro_batch=args.batch, lr=1e-4, epochs=1, save_every=10**6)
+    order = micro_batch_order(len(dataset), plan_steps(stage, len(dataset), 1, "finetune"), seed=0, rank=0)
+
+    # baseline: the full loop's micro-batches built beforehand, plain forward + backward + clipping + AdamW
+    batches = [collate([dataset[i] for i in indices]) for indices in order]
     for batch in batches:
         batch.pop("skipped"), batch.pop("n_tokens")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -91,8 +99,6 @@ def main() -> None:
 
     # the full loop: DataLoader + processor + DeepSpeed ZeRO-2 (time per step from its own metrics,
     # so engine start-up and the checkpoint at the end are left out, as the warm-up is above)
-    stage = StageConfig(global_batch=args.batch, micro_batch=args.batch, lr=1e-4, epochs=1, save_every=10**6)
-
     def full_loop(data) -> float:
         shutil.rmtree(work / "ckpt", ignore_errors=True)  # a checkpoint left by an earlier run would be resumed
         result = run_stage(fresh_model(), data, collate, stage, "finetune", work / "ckpt", seed=0, progress=False)
@@ -112,12 +118,27 @@ def main() -> None:
     n_images = len(cached_dataset.image_features)
     print(f"full loop, cached image features:     {cached:.3f} s/step, {full / cached:.2f}x the uncached loop"
           f" (encoding {n_images} images once took {caching:.1f} s)")
-    print(json.dumps({
+    figures = {
         "benchmark": "train_step", "steps": args.steps, "batch": args.batch, "threads": torch.get_num_threads(),
         "plain_s_per_step": round(plain, 4), "full_s_per_step": round(full, 4),
         "full_over_plain": round(full / plain, 3), "target_full_over_plain": 1.10,
         "cached_s_per_step": round(cached, 4), "cached_speedup": round(full / cached, 3), "caching_s": round(caching, 2),
-    }))
+    }
+    if args.breakdown:
+        engine = full_loop([dataset[i] for i in range(len(dataset))])  # every sample loaded: collation is left
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as on the loop's prefetch thread
+        started = time.process_time()
+        for indices in order:
+            collate([dataset[i] for i in indices])
+        data = (time.process_time() - started) / len(order)
+        torch.set_num_threads(threads)
+        print(f"breakdown: the loop on loaded samples {engine:.3f} s/step ({100 * (engine / plain - 1):+.1f}%: "
+              f"engine, bookkeeping, collation); loading a batch {data:.3f} CPU s on one thread "
+              f"({100 * data / plain:.1f}% of a plain step)")
+        figures.update(engine_s_per_step=round(engine, 4), engine_over_plain=round(engine / plain, 3),
+                       data_cpu_s_per_batch=round(data, 4))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
