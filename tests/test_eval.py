@@ -237,3 +237,20 @@ def test_sample_scores():
     assert sample_score({"prediction": "The answer is C.", "answer": "C", "A": "x", "B": "y", "C": "z"}) == 1.0
     assert sample_score({"prediction": "B", "answer": "C", "A": "x", "B": "y", "C": "z"}) == 0.0
     assert sample_score({"submission": json.dumps({})}) is None
+
+
+def test_chat_streams_the_answer_without_the_first_word_pieces_space(tiny_zoo, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    from mgllava.eval.chat import answer_streamer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "llm")
+    ids = tokenizer(" the red circle", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:1]).startswith(" ")  # the tokenizer's first piece carries the space
+    streamer = answer_streamer(tokenizer)
+    streamer.put(torch.tensor([tokenizer("USER: what? ASSISTANT:")["input_ids"]]))  # the prompt: not printed
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert capsys.readouterr().out == "the red circle\n"

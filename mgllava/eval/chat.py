@@ -26,6 +26,23 @@ from mgllava.model.boxes import Boxes
 EXIT_WORDS = ("exit", "quit")
 
 
+def answer_streamer(tokenizer):
+    """A ``TextStreamer`` that prints the answer as it is generated, without the space the tokenizer's
+    first word piece carries ("A: the", not "A:  the")."""
+    from transformers import TextStreamer
+
+    class AnswerStreamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    return AnswerStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def format_boxes(detections: list[Detection], detector_name: str = "") -> str:
     head = f"{len(detections)} box{'es' if len(detections) != 1 else ''}" + (
         f" from {detector_name}" if detector_name else "")
@@ -60,15 +77,13 @@ class ChatSession:
 
     def ask(self, question: str) -> str:
         """The answer to ``question`` as the next turn of the conversation (which it joins)."""
-        from transformers import TextStreamer
-
         from mgllava.model import answer_questions
 
         tokenizer = self.processor.tokenizer
         streamer = None
         if self.stream:  # "A: " then the answer's text as it is generated, then a newline
             print("A: ", end="", flush=True)
-            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            streamer = answer_streamer(tokenizer)
         answer = answer_questions(
             self.model, self.processor, [self.image], [Boxes.from_detections(self.detections)], [question],
             [self.history], max_new_tokens=self.max_new_tokens, streamer=streamer,
