@@ -2,15 +2,16 @@
 
 Runs one local lmms-eval task (``mgllava.eval.runner.run_benchmark``, the path the flow
 ``evaluate`` takes) with ``--batch-size`` and with batch size 1, and prints for each:
-samples/s over the whole task (lmms-eval's request building, box lookup, generation,
-scoring), samples/s of the model's ``generate`` alone, and the share of time spent outside
-``generate``; then the batched/unbatched ratio (target: at least 4x, with at most 15% of the batched
-time outside ``generate``), and last one JSON line with the figures. A warm-up pass first loads the
-model and fills the detector cache, so both timed runs see the same state.
+samples/s over the whole task (lmms-eval's request building, images, box lookup, the
+processor's inputs, generation, decoding, scoring), samples/s of the model's ``generate`` calls
+alone (``MGLLaVALmms.stats["generate_s"]``), and the share of time spent outside them; then the
+batched/unbatched ratio (target: at least 4x, with at most 15% of the batched time outside
+``generate``), and last one JSON line with the figures. A warm-up pass first loads the model and
+fills the detector cache, so both timed runs see the same state.
 
-Model: ``--model`` (an export directory) on the shapes world ``--world``; without them a
-tiny world, zoo and *untrained* export are generated into a temporary directory (the
-speed of generation does not depend on the weights' values, only on answer lengths, and
+Model: ``--model`` (an export directory) on the shapes world ``--world``; without them a tiny
+world, zoo (random towers) and *untrained* export are generated into a temporary directory, or
+into ``--work DIR``, where the next run finds and reuses them (the speed of generation does not depend on the weights' values, only on answer lengths, and
 ``--max-new-tokens`` fixes those for an untrained model, which never stops early).
 """
 
@@ -38,23 +39,30 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--detector", default="yolo11n.yaml", help="detector for the boxes (weights or model YAML)")
     p.add_argument("--images", type=int, default=60, help="world size when generating one (default 60)")
+    p.add_argument("--work", help="directory for the generated world, zoo and export, kept and reused by the "
+                                  "next run (default: a temporary one)")
     return p.parse_args(argv)
 
 
-def build_default(tmp: Path, n_images: int) -> tuple[Path, Path]:
-    from mgllava.config import load_config
+def build_default(work: Path, n_images: int) -> tuple[Path, Path]:
+    """``(export, world)`` under ``work``, each built unless an earlier run left it there."""
+    from mgllava.config import ZooConfig, load_config
     from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
+    from mgllava.model.configuration_mgllava import EXPORT_CONFIG
     from mgllava.shapes.world import generate_world
     from mgllava.shapes.zoo import build_zoo
 
-    world = generate_world(tmp / "world", n_images=n_images, seed=0, progress=False)
-    tiny = load_config(preset="tiny").model
-    zoo = build_zoo(tmp / "zoo", world, high_res=tiny.vision.high_res, low_res=tiny.vision.low_res,
-                    max_length=tiny.max_length)
-    model = tiny.model_copy(deep=True)
-    model.llm.path, model.vision.clip_path, model.vision.convnext_path = (
-        str(zoo / "llm"), str(zoo / "clip"), str(zoo / "convnext"))
-    export = MGLLaVAForConditionalGeneration.from_config(model).export(tmp / "export", MGLLaVAProcessor.from_config(model))
+    world, zoo, export = work / "world", work / "zoo", work / "export"
+    if not (export / EXPORT_CONFIG).is_file():
+        print(f"building a tiny world ({n_images} images), zoo and untrained export in {work} ...", flush=True)
+        world = generate_world(world, n_images=n_images, seed=0, progress=False)
+        tiny = load_config(preset="tiny").model
+        zoo = build_zoo(zoo, world, high_res=tiny.vision.high_res, low_res=tiny.vision.low_res,
+                        max_length=tiny.max_length, recipe=ZooConfig(tower_scenes=0))  # random towers: same speed
+        model = tiny.model_copy(deep=True)
+        model.llm.path, model.vision.clip_path, model.vision.convnext_path = (
+            str(zoo / "llm"), str(zoo / "clip"), str(zoo / "convnext"))
+        MGLLaVAForConditionalGeneration.from_config(model).export(export, MGLLaVAProcessor.from_config(model))
     return export, world
 
 
@@ -71,8 +79,7 @@ def main(argv=None) -> int:
                 sys.exit("--world is required with --model")
             model_dir, world = Path(args.model), Path(args.world)
         else:
-            print(f"building a tiny world ({args.images} images), zoo and untrained export ...", flush=True)
-            model_dir, world = build_default(tmp, args.images)
+            model_dir, world = build_default(Path(args.work) if args.work else tmp, args.images)
         bench = BENCHMARKS[args.task]
         plan = TaskPlan(bench.name, bench.task, "ready", data_dir=str(world / "bench" / bench.name))
         include = write_task_files([plan], tmp / "tasks")
