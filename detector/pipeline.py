@@ -470,46 +470,43 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
         ):
             rejects[col].append(val)
 
-    batches = list(_batches(items, settings.batch))
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect-load") as pool:
-        future = pool.submit(_load_batch, batches[0], settings.max_image_pixels) if batches else None
-        for b in range(len(batches)):
-            loaded = future.result()
-            if b + 1 < len(batches):  # decode the next batch while the model runs on this one
-                future = pool.submit(_load_batch, batches[b + 1], settings.max_image_pixels)
-            good = [x for x in loaded if isinstance(x, LoadedImage)]
-            when = _now()
-            try:
-                preds = detector.predict([x.array for x in good])
-            except Exception as exc:  # isolate the image that breaks the batch
-                log.warning("shard %d: batch failed (%s); retrying image by image", index, exc)
-                preds = []
-                for x in good:
-                    try:
-                        preds.append(detector.predict([x.array])[0])
-                    except Exception as one_exc:
-                        preds.append(one_exc)
-            for x in loaded:
-                if isinstance(x, Rejected):
-                    add_reject(x, when)
-            for x, p in zip(good, preds, strict=True):
-                if isinstance(p, Exception):
-                    add_reject(Rejected(x.key, x.path, "detector_error", f"{type(p).__name__}: {p}"), when)
-                    continue
-                rows["image_key"].append(x.key)
-                rows["width"].append(x.width)
-                rows["height"].append(x.height)
-                rows["sha256"].append(x.sha256)
-                rows["boxes"].append(
-                    [{"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "score": b[4], "label": b[5]} for b in p]
-                )
-                rows["detector"].append(name)
-                rows["weights_sha256"].append(weights)
-                rows["params"].append(params)
-                rows["detected_at"].append(when)
-                rows["shard"].append(index)
-            if progress:
-                progress(len(loaded))
+    # Decoding runs in this thread, between forwards: on a small CPU a decoder thread beside the forward
+    # stalls the forward's own threads (torch uses every core) by more than the decoding it hides.
+    for batch in _batches(items, settings.batch):
+        loaded = _load_batch(batch, settings.max_image_pixels)
+        good = [x for x in loaded if isinstance(x, LoadedImage)]
+        when = _now()
+        try:
+            preds = detector.predict([x.array for x in good])
+        except Exception as exc:  # isolate the image that breaks the batch
+            log.warning("shard %d: batch failed (%s); retrying image by image", index, exc)
+            preds = []
+            for x in good:
+                try:
+                    preds.append(detector.predict([x.array])[0])
+                except Exception as one_exc:
+                    preds.append(one_exc)
+        for x in loaded:
+            if isinstance(x, Rejected):
+                add_reject(x, when)
+        for x, p in zip(good, preds, strict=True):
+            if isinstance(p, Exception):
+                add_reject(Rejected(x.key, x.path, "detector_error", f"{type(p).__name__}: {p}"), when)
+                continue
+            rows["image_key"].append(x.key)
+            rows["width"].append(x.width)
+            rows["height"].append(x.height)
+            rows["sha256"].append(x.sha256)
+            rows["boxes"].append(
+                [{"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "score": b[4], "label": b[5]} for b in p]
+            )
+            rows["detector"].append(name)
+            rows["weights_sha256"].append(weights)
+            rows["params"].append(params)
+            rows["detected_at"].append(when)
+            rows["shard"].append(index)
+        if progress:
+            progress(len(loaded))
 
     if (read_manifest(out) or {}).get("run_id") != manifest.get("run_id"):  # e.g. a task outliving its run
         raise RunConflictError(f"shard {index}: another run took over {out} while it ran; its result is dropped")
