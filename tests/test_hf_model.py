@@ -196,6 +196,20 @@ def test_batched_generation_equals_one_by_one(tiny, decoding):
     assert batched == single and all(isinstance(text, str) for text in batched)
 
 
+def test_precomputed_image_features_answer_as_the_images(tiny):
+    """An image may come as its frozen features (encoded from the processor's pixel values and boxes):
+    the same answers; a batch mixing images and features is refused."""
+    _, model, processor = tiny
+    processed = [processor.process_image(image, b) for image, b in zip(IMAGES, BOXES)]
+    features = model.encode_frozen(torch.stack([p for p, _ in processed]), [b for _, b in processed]).unbind()
+    expected = answer_questions(model, processor, [IMAGES[0], None, IMAGES[1]], [BOXES[0], None, BOXES[1]],
+                                QUESTIONS, max_new_tokens=6)
+    assert answer_questions(model, processor, [features[0], None, features[1]], [None] * 3, QUESTIONS,
+                            max_new_tokens=6) == expected
+    with pytest.raises(ValueError, match="mixes images and precomputed image features"):
+        processor.chat_inputs([IMAGES[0], features[1]], [BOXES[0], None], QUESTIONS[:2])
+
+
 def test_sampling_is_seeded_and_streaming_prints_the_answer(tiny, capsys):
     from transformers import TextStreamer
 

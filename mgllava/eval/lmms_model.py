@@ -17,17 +17,24 @@ model arguments (all strings on the command line):
 ``batch_size``       questions per ``generate`` call (default 8)
 ``max_new_tokens``   cap on the task's own ``max_new_tokens`` (default 16: the stock tasks
                      ask for 128-4096, far more than their short answers need)
+``feature_cache``    images whose frozen features are kept for later questions (default 256,
+                     least recently used out; 0: none kept between batches)
 ``device``           auto (CUDA if available), cpu, cuda:0...
 ===================  ==================================================================
 
 Only ``generate_until`` is implemented: every benchmark of SPEC section 7 is a
 ``generate_until`` task (``loglikelihood`` and multi-round generation raise
-``NotImplementedError``). Requests are grouped by generation settings, sorted by prompt
-length, and answered ``batch_size`` at a time as :func:`~mgllava.model.answer_questions` answers
+``NotImplementedError``). Requests are grouped by generation settings, ordered so that the
+questions about one image come together (images with longer prompts first, and within an image
+longer prompts first), and answered ``batch_size`` at a time by :func:`~mgllava.model.answer_questions`
 (transformers' ``generate`` with its KV cache, greedy, left-padded; the chat template's stop words
 end an answer, and the task's ``until`` strings cut it). A worker thread prepares the next batch
-(images, their boxes from :class:`mgllava.eval.boxes.BoxSource`, the processor's inputs) while the
-current one generates; ``stats["generate_s"]`` counts the model's ``generate`` calls alone. When the model cannot get boxes (an image
+(images, their boxes from :class:`mgllava.eval.boxes.BoxSource`, the processor's pixel values and
+boxes) while the current one generates. Each distinct image (its content hash and the processor's
+boxes) goes through the frozen encoders (:meth:`~mgllava.model.MGLLaVAForConditionalGeneration.encode_frozen`)
+once: its features are kept in a least-recently-used cache of ``feature_cache`` images for its
+other questions. ``stats["generate_s"]`` counts the model's calls: the frozen encoders and ``generate``
+(with the prompts' tokenizing and the answers' decoding). When the model cannot get boxes (an image
 with no table row and no detector, or a recorded detector that fails its sha256 check), it raises
 :class:`~mgllava.eval.boxes.BoxesUnavailable`: the ``lmms-eval`` command stops with that message
 and exit status 1 instead of logging the error and exiting 0.
@@ -40,9 +47,11 @@ Importing this module applies :func:`filelock_compat` (needed with filelock >= 4
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +61,8 @@ from lmms_eval.api.model import lmms
 
 from detector.errors import DetectorError
 from mgllava.eval.boxes import BoxesUnavailable, BoxSource, ImageRef, recorded_detector
+from mgllava.model import answer_questions
+from mgllava.model.vision import FrozenImageFeatures
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +153,7 @@ class MGLLaVALmms(lmms):
         allow_missing: bool | str = False,
         batch_size: int | str = 8,
         max_new_tokens: int | str = 16,
+        feature_cache: int | str = 256,
         device: str | None = None,
         **unused,
     ) -> None:
@@ -157,25 +169,44 @@ class MGLLaVALmms(lmms):
         self.model, self.processor = load_model(pretrained, self.device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+        self.feature_cache_size = int(feature_cache)
+        if self.feature_cache_size < 0:
+            raise ValueError(f"mgllava: feature_cache={feature_cache}: must be >= 0 (0: no cache)")
+        self.feature_cache: OrderedDict[tuple, FrozenImageFeatures] = OrderedDict()  # least recently used first
         self.box_source = BoxSource(
             boxes_dir, settings, detection_cache, allow_missing=_as_bool(allow_missing), weights_sha256=weights_sha256
         )
-        self.stats = {"requests": 0, "batches": 0, "generate_s": 0.0, "prepare_s": 0.0}  # generate_s: the model's generate calls
+        self.stats = {"requests": 0, "batches": 0, "generate_s": 0.0, "prepare_s": 0.0,  # generate_s: the model's calls
+                      "images_encoded": 0}
         self.boxes_used: dict[tuple[str, int], tuple[int, str]] = {}  # (task, doc_id) -> (n boxes, origin)
         self._arrow_views: dict[tuple[str, str], object] = {}
 
     # ------------------------------------------------------------------ images and boxes
 
+    def _stored_row(self, task: str, split: str, doc_id: int):
+        """The doc's row as stored (a one-row ``pyarrow.Table``: nothing decoded)."""
+        dataset = self.task_dict[task][split]
+        return self._arrow_views.setdefault((task, split), dataset.with_format("arrow"))[doc_id]
+
     def _raw_image_bytes(self, task: str, split: str, doc_id: int) -> bytes | None:
         """The stored bytes of the doc's ``image`` column (what the box table's sha256 hashes)."""
         import datasets
 
-        dataset = self.task_dict[task][split]
-        if not isinstance(dataset.features.get("image"), datasets.Image):
+        if not isinstance(self.task_dict[task][split].features.get("image"), datasets.Image):
             return None
-        view = self._arrow_views.setdefault((task, split), dataset.with_format("arrow"))
-        cell = view[doc_id].column("image")[0].as_py()
+        cell = self._stored_row(task, split, doc_id).column("image")[0].as_py()
         return cell.get("bytes") if cell else None
+
+    def _image_group(self, request: Instance) -> str:
+        """What puts a request with the other questions about its image, without decoding the image:
+        the doc's image-key columns, else its stored image bytes, else (one group per doc) its id."""
+        _, _, _, doc_id, task, split = request.args
+        row = self._stored_row(task, split, doc_id)
+        keys = [row.column(c)[0].as_py() for c in IMAGE_KEY_COLUMNS if c in row.column_names]
+        if any(key is not None for key in keys):
+            return repr(keys)
+        raw = self._raw_image_bytes(task, split, doc_id)
+        return f"sha256:{hashlib.sha256(raw).hexdigest()}" if raw is not None else f"doc:{doc_id}"
 
     def _image_ref(self, request: Instance) -> ImageRef | None:
         _, _, doc_to_visual, doc_id, task, split = request.args
@@ -200,9 +231,13 @@ class MGLLaVALmms(lmms):
             until = (until,) if isinstance(until, str) else tuple(until)
             max_new = min(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens)
             groups.setdefault((max_new, until), []).append(i)
-        chunks = []  # (max_new, until, request indices), batch_size at a time, longest prompts first
+        images = [self._image_group(r) for r in requests]
+        longest: dict[str, int] = {}  # image -> its longest prompt
+        for image, request in zip(images, requests):
+            longest[image] = max(longest.get(image, 0), len(request.args[0]))
+        chunks = []  # (max_new, until, request indices), batch_size at a time, each image's questions together
         for (max_new, until), indices in groups.items():
-            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            indices.sort(key=lambda i: (-longest[images[i]], images[i], -len(requests[i].args[0])))
             chunks += [(max_new, until, indices[s:s + self.batch_size]) for s in range(0, len(indices), self.batch_size)]
         # one thread prepares the next chunk's inputs while this one generates (a failure there,
         # BoxesUnavailable included, comes back through .result()); its torch ops run on one thread,
@@ -222,37 +257,59 @@ class MGLLaVALmms(lmms):
         return answers
 
     def _prepare(self, requests: list[Instance]) -> dict:
-        """The ``generate`` inputs of a chunk of requests (:meth:`MGLLaVAProcessor.chat_inputs`): each
-        image decoded once, the chunk's boxes looked up together."""
+        """What a chunk of requests needs before the model: ``questions``; per request ``pixel_values``
+        (3, H, H) and ``boxes`` (K, 4) as :meth:`MGLLaVAProcessor.process_image` makes them, and the
+        feature cache's ``keys`` (the image's content hash and those boxes), all None without an image.
+        Each image decoded once, the chunk's boxes looked up together."""
         t0 = time.perf_counter()
         refs = [self._image_ref(r) for r in requests]
         with_image = [i for i, ref in enumerate(refs) if ref is not None]
-        boxes = [None] * len(refs)
         try:
             found_boxes = self.box_source.boxes([refs[i] for i in with_image])
         except (LookupError, DetectorError) as exc:
             raise BoxesUnavailable(f"mgllava: no boxes for the images of {requests[0].args[4]}: {exc}") from exc
+        prepared = {"questions": [r.args[0] for r in requests], "pixel_values": [None] * len(refs),
+                    "boxes": [None] * len(refs), "keys": [None] * len(refs)}
         for i, (found, origin) in zip(with_image, found_boxes):
-            boxes[i] = found
             _, _, _, doc_id, task, _ = requests[i].args
             self.boxes_used[(task, doc_id)] = (len(found), origin)
-        inputs = self.processor.chat_inputs([ref.image if ref else None for ref in refs], boxes,
-                                            [r.args[0] for r in requests])
+            pixel_values, mapped = self.processor.process_image(refs[i].image, found)
+            prepared["pixel_values"][i], prepared["boxes"][i] = pixel_values, mapped
+            prepared["keys"][i] = (refs[i].content_hash(), tuple(mapped.shape), mapped.numpy().tobytes())
         self.stats["prepare_s"] += time.perf_counter() - t0
-        return inputs
+        return prepared
 
-    def _generate(self, inputs: dict, max_new_tokens: int) -> list[str]:
-        """Answers to one prepared chunk: greedy ``generate`` (the chat template's stop words end an answer)
-        as :func:`~mgllava.model.answer_questions` runs it, on inputs prepared ahead."""
-        inputs = {key: value.to(self.model.device) if isinstance(value, torch.Tensor) else value
-                  for key, value in inputs.items()}
+    def _image_features(self, prepared: dict) -> list[FrozenImageFeatures | None]:
+        """Each prepared image's frozen features (None without an image): from the cache, or encoded
+        in one :meth:`encode_frozen` call over the chunk's distinct new images, then cached."""
+        found = {}
+        for key in prepared["keys"]:
+            if key is not None and key in self.feature_cache:
+                self.feature_cache.move_to_end(key)
+                found[key] = self.feature_cache[key]
+        new = {key: i for i, key in enumerate(prepared["keys"]) if key is not None and key not in found}
+        if new:
+            encoded = self.model.encode_frozen(torch.stack([prepared["pixel_values"][i] for i in new.values()]),
+                                               [prepared["boxes"][i] for i in new.values()])
+            found.update(zip(new, encoded.unbind()))
+            self.stats["images_encoded"] += len(new)
+            if self.feature_cache_size:
+                self.feature_cache.update((key, found[key]) for key in new)
+                while len(self.feature_cache) > self.feature_cache_size:
+                    self.feature_cache.popitem(last=False)
+        return [None if key is None else found[key] for key in prepared["keys"]]
+
+    def _generate(self, prepared: dict, max_new_tokens: int) -> list[str]:
+        """Answers to one prepared chunk: greedy :func:`~mgllava.model.answer_questions` on the images'
+        frozen features (the chat template's stop words end an answer)."""
         t0 = time.perf_counter()
-        generated = self.model.generate(**inputs, do_sample=False, **self.processor.generate_kwargs(),
-                                        max_new_tokens=max_new_tokens)  # (B, T + new)
+        features = self._image_features(prepared)
+        answers = answer_questions(self.model, self.processor, features, [None] * len(features),
+                                   prepared["questions"], max_new_tokens=max_new_tokens)
         self.stats["generate_s"] += time.perf_counter() - t0
-        self.stats["requests"] += len(generated)
+        self.stats["requests"] += len(answers)
         self.stats["batches"] += 1
-        return self.processor.decode_answers(generated[:, inputs["input_ids"].shape[1]:])
+        return answers
 
     def clean(self) -> None:
         """What lmms-eval calls after a task: drop this instance's hold on the model, without the

@@ -261,7 +261,7 @@ class MGLLaVAProcessor(ProcessorMixin):
 
     def chat_inputs(
         self,
-        images: list[Image.Image | None],
+        images: list[Image.Image | FrozenImageFeatures | None],
         boxes: list[Boxes | None],
         questions: list[str],
         histories: list[list[tuple[str, str]]] | None = None,
@@ -269,20 +269,30 @@ class MGLLaVAProcessor(ProcessorMixin):
         """A left-padded batch for ``generate``, one row per (image or None, detections or None,
         question): the chat template with ``<image>\\n`` + the first question, after the row's earlier
         ``(question, answer)`` turns of ``histories`` if given, ending with the assistant's prompt.
+        An image may come as its precomputed :class:`FrozenImageFeatures` (B = 1, encoded from
+        :meth:`process_image`'s outputs; its boxes are the ones encoded, the row's ``boxes`` entry is
+        unused); a batch holds images or features, not both.
         -> ``input_ids``, ``attention_mask`` (B, T), ``pixel_values`` (n_images, 3, H, H) or None,
-        ``boxes`` (n_images tensors (K_i, 4))."""
+        ``boxes`` (n_images tensors (K_i, 4)), ``image_features`` (n_images) or None."""
         histories = histories or [[] for _ in questions]
         samples = []
         for image, image_boxes, question, history in zip(images, boxes, questions, histories, strict=True):
             input_ids = self.generation_prompt(question, with_image=image is not None, history=history)
             sample = {"input_ids": input_ids}
-            if image is not None:
+            if isinstance(image, FrozenImageFeatures):
+                sample.update(image_features=[image])
+                n_objects = len(image.box_features[0])
+            elif image is not None:
                 pixel_values, mapped = self.process_image(image, image_boxes)
                 sample.update(pixel_values=pixel_values[None], boxes=[mapped])
-                sample["input_ids"], _ = self.expand_placeholders(input_ids, None, [len(mapped)])
+                n_objects = len(mapped)
+            if image is not None:
+                sample["input_ids"], _ = self.expand_placeholders(input_ids, None, [n_objects])
             samples.append(sample)
         batch = self.collate(samples, padding_side="left")
-        return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "boxes")}
+        if batch["pixel_values"] is not None and batch["image_features"] is not None:
+            raise ValueError("chat_inputs: a batch mixes images and precomputed image features")
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "boxes", "image_features")}
 
     def decode_answers(self, generated: torch.Tensor) -> list[str]:
         """(B, new tokens) from ``generate`` (the prompt cut off) -> the answers: the text before the first
