@@ -51,7 +51,7 @@ def image_to_pixel_values(
     fill = tuple(round(255 * m) for m in mean)
     square = pad_to_square(image, fill).resize((high_res, high_res), Image.Resampling.BICUBIC)
     pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(high_res, high_res, 3).permute(2, 0, 1).float() / 255  # (3, H, H) in [0, 1]
+    pixels = pixels.view(high_res, high_res, 3).permute(2, 0, 1).contiguous().float() / 255  # (3, H, H) in [0, 1]
     return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
