@@ -23,9 +23,8 @@ from detector.inputs import default_sources
 from flows import reports
 from flows.detect import detect_flow
 from flows.evaluate import evaluate
-from flows.keys import detector_train_key, evaluate_key
+from flows.keys import detector_train_key, evaluate_key, train_stage_key
 from mgllava.config import Config, ConfigError, load_config
-from mgllava.lineage import train_key
 from mgllava.shapes import BackgroundZoo, prepare_world
 
 
@@ -159,7 +158,7 @@ def full_train(
     for stage in ("pretrain", "finetune"):
         if fresh or not resumable(config, stage):
             reset_stage(config, stage)  # fresh, or its checkpoints are another input's: start over
-        state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_key(config, stage),
+        state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_stage_key(config, stage),
                                                     return_state=True)
         _cached(logger, f"train-{stage}", state)
         stages[stage] = state.result()

@@ -52,3 +52,23 @@ def test_detector_weights_are_the_configured_ones_or_a_clear_error(tmp_path):
                                      "detector.train.data=null"])
     with pytest.raises(ConfigError, match=r"'detector\.model': weights not found: .*none\.pt"):
         detector_weights(missing, {}, logger=None)
+
+
+def test_cached_stages_are_keyed_by_where_they_write(tmp_path):
+    """The ablation's full variant once got the demo's cached pretrain (same inputs, other directory) and its
+    finetune found no pretrain weights in its own: a stage's cache key includes its output directory."""
+    from flows.keys import evaluate_key, train_stage_key
+    from mgllava.config import load_config
+    from mgllava.lineage import train_key
+
+    config = load_config(preset="tiny", overrides=[f"work_dir={tmp_path}"])
+    variant = load_config(preset="tiny", overrides=[f"work_dir={tmp_path}",
+                                                    f"train.output_dir={tmp_path}/train/ablation/all/seed-0"])
+    assert train_key(config, "pretrain") == train_key(variant, "pretrain")  # the same inputs...
+    assert train_stage_key(config, "pretrain") != train_stage_key(variant, "pretrain")  # ...written elsewhere
+    assert train_stage_key(config, "pretrain") == train_stage_key(load_config(
+        preset="tiny", overrides=[f"work_dir={tmp_path}"]), "pretrain")  # and stable
+    for export in ("a", "b"):  # two exports with the same files
+        (tmp_path / export).mkdir()
+        (tmp_path / export / "config.json").write_text("{}")
+    assert evaluate_key(config, str(tmp_path / "a")) != evaluate_key(config, str(tmp_path / "b"))
