@@ -145,3 +145,24 @@ def test_training_reads_the_loss_only_at_logging_steps_and_uses_fused_adamw(tmp_
     with_worker = run_stage(_Toy(), _ToyData(), _toy_collate, stage, "pretrain", tmp_path / "b", seed=0,
                             progress=False, num_workers=1)
     assert [m.loss for m in with_worker.metrics] == [m.loss for m in prefetched.metrics]
+
+
+def test_evaluations_prepare_thread_leaves_the_callers_count_and_the_default():
+    """The prepare pool's threads run torch on one thread; the caller keeps its count, and threads started
+    after the pool get it again (the pool's initializer once left the whole process's default at 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mgllava.torch_threads import helpers_on_one_thread
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with helpers_on_one_thread(), ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            assert pool.submit(torch.get_num_threads).result() == 1
+            assert torch.get_num_threads() == 2
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start(), later.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

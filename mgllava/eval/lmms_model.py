@@ -63,6 +63,7 @@ from detector.errors import DetectorError
 from mgllava.eval.boxes import BoxesUnavailable, BoxSource, ImageRef, recorded_detector
 from mgllava.model import answer_questions
 from mgllava.model.vision import FrozenImageFeatures
+from mgllava.torch_threads import helpers_on_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,9 @@ class MGLLaVALmms(lmms):
         # one thread prepares the next chunk's inputs while this one generates (a failure there,
         # BoxesUnavailable included, comes back through .result()); its torch ops run on one thread,
         # or a second OpenMP team as wide as generate's contends with it for the cores
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgllava-prepare",
-                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with helpers_on_one_thread(), ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="mgllava-prepare", initializer=torch.set_num_threads,
+                initargs=(1,)) as pool:
             prepared = [pool.submit(self._prepare, [requests[i] for i in chunks[0][2]])] if chunks else []
             for k, (max_new, until, chunk) in enumerate(chunks):
                 inputs = prepared[k].result()

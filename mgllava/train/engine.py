@@ -46,6 +46,7 @@ import torch
 
 from mgllava.config import ConfigError, StageConfig
 from mgllava.model.vision import FrozenImageFeatures
+from mgllava.torch_threads import helpers_on_one_thread
 from mgllava.train.schedule import StepPlan, deepspeed_config, micro_batch_order, plan_steps
 
 log = logging.getLogger(__name__)
@@ -381,15 +382,12 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
     tokenising release the GIL often enough to overlap the step); an exception is raised where its
     item would have been.
 
-    The thread runs its torch operations (pixel normalisation, collation) on one intra-op thread: with
-    the process's count it would start a second OpenMP team beside the training step's, more threads
-    than cores. The count is per thread (the caller's stays as it is); new threads take the process's
-    count again once the producer ends.
+    The thread runs its torch operations (pixel normalisation, collation) on one intra-op thread
+    (:func:`mgllava.torch_threads.helpers_on_one_thread`): the caller's count stays as it is.
     """
     queue: Queue = Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
-    threads = torch.get_num_threads()  # also fixes the caller's own count before the producer changes the default
 
     def put(entry: tuple) -> bool:
         while not stop.is_set():  # the consumer may have stopped early
@@ -409,21 +407,20 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
             put((done, None))
         except BaseException as exc:  # handed to the consumer
             put((done, exc))
-        finally:
-            torch.set_num_threads(threads)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = queue.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
+    with helpers_on_one_thread():
+        thread.start()
+        try:
+            while True:
+                item, error = queue.get()
+                if error is not None:
+                    raise error
+                if item is done:
+                    return
+                yield item
+        finally:
+            stop.set()
 
 
 @dataclass
