@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +65,14 @@ class ImageRef:
     image: Image.Image
     raw: bytes | None = None
     keys: tuple[str, ...] = ()
+    _hash: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def content_hash(self) -> str:
-        if self.raw is not None:
-            return hashlib.sha256(self.raw).hexdigest()
-        return pixel_hash(self.image)
+        """sha256 of the stored bytes, else of the decoded pixels (:func:`pixel_hash`); computed once (the
+        box lookup and evaluation's feature cache both key on it)."""
+        if self._hash is None:
+            self._hash = hashlib.sha256(self.raw).hexdigest() if self.raw is not None else pixel_hash(self.image)
+        return self._hash
 
 
 def pixel_hash(image: Image.Image) -> str:
