@@ -67,9 +67,8 @@ def detector_weights(config: Config, refresh: dict, logger) -> str:
             f"config field 'detector.model': weights not found: {config.detector.model} "
             "(give weights, or detector.train.data to train a detector)"
         )
-    state = fit_detector.with_options(**refresh)(config, key=detector_train_key(config), return_state=True)
-    _cached(logger, "train-detector", state)
-    return state.result()["weights"]
+    return _run_cached(fit_detector, "train-detector", refresh, logger, lambda metrics: [metrics["weights"]],
+                       config, key=detector_train_key(config))["weights"]
 
 
 @task(name="train-stage", task_run_name="train-{stage}", cache_key_fn=_by_key, persist_result=True, retries=1)
@@ -85,9 +84,18 @@ def evaluate_model(config_file: str, model_dir: str, key: str) -> list[dict]:
     return evaluate(model_dir=model_dir, config_file=config_file)
 
 
-def _cached(logger, name: str, future_state) -> None:
-    if future_state.name == "Cached":
-        logger.info("%s: inputs unchanged, reused the cached result (fresh=True recomputes)", name)
+def _run_cached(task, name: str, refresh: dict, logger, outputs, *args, **kwargs):
+    """``task``'s result, reused from Prefect's cache when its key matches (logged) unless one of the files
+    it names (``outputs(result)``) is gone (its directory deleted since): then it is computed again."""
+    state = task.with_options(**refresh)(*args, return_state=True, **kwargs)
+    if state.name == "Cached":
+        missing = [path for path in outputs(state.result()) if path and not Path(path).exists()]
+        if not missing:
+            logger.info("%s: inputs unchanged, reused the cached result (fresh=True recomputes)", name)
+            return state.result()
+        logger.info("%s: the cached result's %s no longer exists: computing it again", name, missing[0])
+        state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+    return state.result()
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
@@ -158,15 +166,12 @@ def full_train(
     for stage in ("pretrain", "finetune"):
         if fresh or not resumable(config, stage):
             reset_stage(config, stage)  # fresh, or its checkpoints are another input's: start over
-        state = train_stage.with_options(**refresh)(config, stage, run_id, key=train_stage_key(config, stage),
-                                                    return_state=True)
-        _cached(logger, f"train-{stage}", state)
-        stages[stage] = state.result()
+        stages[stage] = _run_cached(train_stage, f"train-{stage}", refresh, logger,
+                                    lambda summary: [summary["trainable_weights"], summary["export_dir"]],
+                                    config, stage, run_id, key=train_stage_key(config, stage))
     model_dir = stages["finetune"]["export_dir"]
-    state = evaluate_model.with_options(**refresh)(config_path, model_dir, key=evaluate_key(config, model_dir),
-                                                   return_state=True)
-    _cached(logger, "evaluate", state)
-    scores = state.result()
+    scores = _run_cached(evaluate_model, "evaluate", refresh, logger, lambda rows: [],
+                         config_path, model_dir, key=evaluate_key(config, model_dir))
     publish_artifacts(config, box_manifest, stages, scores)
     logger.info("done at %s: %d score rows", dt.datetime.now().isoformat(timespec="seconds"), len(scores))
     return scores

@@ -72,3 +72,35 @@ def test_cached_stages_are_keyed_by_where_they_write(tmp_path):
         (tmp_path / export).mkdir()
         (tmp_path / export / "config.json").write_text("{}")
     assert evaluate_key(config, str(tmp_path / "a")) != evaluate_key(config, str(tmp_path / "b"))
+
+
+def test_a_cached_result_whose_files_are_gone_is_computed_again(tmp_path, monkeypatch):
+    """A cached detector result named weights in a deleted directory and the flow failed on them: the flow's
+    cached tasks are recomputed when a file their result names no longer exists."""
+    import logging
+
+    from prefect import task
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.full_train import _run_cached
+
+    calls = []
+
+    @task(cache_key_fn=lambda context, parameters: parameters["key"], persist_result=True)
+    def write(out: str, key: str) -> dict:
+        calls.append(out)
+        Path(out).write_text("weights")
+        return {"weights": out}
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "storage"))
+    logger = logging.getLogger("test")
+    out, key = str(tmp_path / "best.pt"), f"key-{tmp_path.name}"
+    with prefect_test_harness(server_startup_timeout=180):
+        def run():
+            return _run_cached(write, "write", {}, logger, lambda r: [r["weights"]], out, key=key)
+
+        assert run() == {"weights": out} and len(calls) == 1
+        assert run() == {"weights": out} and len(calls) == 1  # cached: its file is there
+        Path(out).unlink()
+        assert run() == {"weights": out} and len(calls) == 2 and Path(out).exists()  # gone: computed again
