@@ -240,7 +240,8 @@ class StageConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs, fp32 on CPU"
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU; bf16 on a CPU: fp32 weights, bf16 matrix products "
+        "(torch.autocast)"
     )
     save_every: int = Field(50, gt=0, description="checkpoint every N optimizer steps (and at the end)")
     log_every: int = Field(1, gt=0)

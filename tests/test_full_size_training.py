@@ -195,6 +195,34 @@ def test_run_stage_trains_under_the_merged_deepspeed_config(tmp_path):
     assert ends[0] == pytest.approx(0.0, abs=1e-12) and ends[1] == pytest.approx(0.025)
 
 
+def test_bf16_on_a_cpu_runs_the_fp32_model_under_autocast(tmp_path):
+    """precision bf16 on a CPU: the engine's forward runs its matrix products in bf16 (DeepSpeed's
+    torch_autocast) while the weights, and so the optimizer's updates, stay fp32; fp16 is refused."""
+    import torch
+    from test_train import _Toy, _toy_collate, _ToyData
+
+    from mgllava.config import StageConfig
+    from mgllava.train.engine import resolve_precision, run_stage
+
+    assert resolve_precision("bf16") == "autocast-bf16" and resolve_precision("auto") == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16")
+    outputs, weights = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = _Toy()
+        start = model.linear.weight.detach().clone()
+        model.linear.register_forward_hook(lambda _m, _i, out, p=precision: outputs.update({p: out.dtype}))
+        stage = StageConfig(global_batch=4, micro_batch=2, lr=0.05, save_every=100, precision=precision)
+        result = run_stage(model, _ToyData(), _toy_collate, stage, "pretrain", tmp_path / precision, seed=0,
+                           progress=False)
+        assert result.steps == 6 and model.linear.weight.dtype == torch.float32
+        weights[precision] = model.linear.weight.detach()
+        assert not torch.equal(weights[precision], start)
+    assert outputs == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    torch.testing.assert_close(weights["bf16"], weights["fp32"], atol=0.02, rtol=0)  # the same steps, rounded
+
+
 # --------------------------------------------------------------------------- length-grouped finetune order
 
 

@@ -134,6 +134,33 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
         assert batch["pixel_values"].shape[0] == 2 and batch["image_features"] is None
 
 
+def test_training_batches_are_right_padded_without_a_mask_and_lose_nothing_by_it(tiny_config):
+    """Collate drops the attention mask (so SDPA runs its causal kernel): the loss and its gradients
+    equal those of the same rows with the padding masked, and the token count is the mask's."""
+    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
+
+    records, _ = load_conversations(tiny_config.data.finetune_json)
+    processor = MGLLaVAProcessor.from_config(tiny_config.model)
+    dataset = ConversationDataset(records[:4], tiny_config.data.image_root, {}, processor)
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = Collate(processor)(items)
+    masked = processor.collate(items)
+    assert "attention_mask" not in batch and masked["attention_mask"].min() == 0  # the rows differ in length
+    assert batch["n_tokens"] == int(masked["attention_mask"].sum())
+
+    model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
+    model.set_stage("finetune")
+    losses, grads = [], []
+    for inputs in ({k: v for k, v in batch.items() if k not in ("skipped", "n_tokens")}, masked):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.projector[0].weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 class _Toy(torch.nn.Module):
     """A model small enough to watch the engine's bookkeeping: y = w.x."""
 

@@ -275,12 +275,14 @@ def instruction_tune_on_text(
 def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: int):
     """The loss over every answer token of ``groups`` of rows (``input_ids``, ``labels``), each
     group padded on its own: the loss of all the rows padded as one batch, without padding the
-    short rows of one group to the longest of another."""
+    short rows of one group to the longest of another. Right padding needs no attention mask (as
+    in training's :class:`~mgllava.train.data.Collate`), so SDPA runs its causal kernel."""
     from mgllava.model.processing_mgllava import IGNORE_INDEX, pad_text
 
     losses, answer_tokens = [], []
     for rows in groups:
-        batch = pad_text(rows, pad_token_id)  # (b, T) each, right-padded
+        batch = pad_text(rows, pad_token_id, padding_side="right")  # (b, T) each
+        del batch["attention_mask"]
         losses.append(model(**batch).loss)  # mean over the group's answer tokens
         answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
     return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)

@@ -234,7 +234,13 @@ def cache_image_features(
 
 
 class Collate:
-    """Pads the loaded samples of a micro-batch; reports the skipped ones under ``skipped``."""
+    """Pads the loaded samples of a micro-batch; reports the skipped ones under ``skipped``.
+
+    The rows are padded on the right and the batch carries no ``attention_mask``: under causal
+    attention a real token never sees a later position, so right padding needs no mask, and the
+    padding carries no labels. Without a mask, SDPA and FlashAttention run their causal kernels,
+    which skip the masked half of each score matrix instead of computing it and masking it out.
+    """
 
     def __init__(self, processor: MGLLaVAProcessor):
         self.processor = processor
@@ -244,7 +250,7 @@ class Collate:
         skipped = [item for item in items if isinstance(item, Skipped)]
         if not samples:
             return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "skipped": skipped, "n_tokens": 0}
-        batch = self.processor.collate(samples)
+        batch = self.processor.collate(samples, padding_side="right")
         batch["skipped"] = skipped
-        batch["n_tokens"] = int(batch["attention_mask"].sum())
+        batch["n_tokens"] = int(batch.pop("attention_mask").sum())
         return batch

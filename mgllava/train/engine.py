@@ -2,7 +2,8 @@
 
 Runs under the ``deepspeed`` launcher (which sets RANK, WORLD_SIZE, ...) or as one
 plain process (it then sets them for a world of one). On a CPU machine set
-``DS_ACCELERATOR=cpu``; precision ``auto`` is bf16 on GPUs and fp32 on CPU.
+``DS_ACCELERATOR=cpu``; precision ``auto`` is bf16 on GPUs and fp32 on CPU, where ``bf16`` runs the
+fp32 model under ``torch.autocast`` (:func:`resolve_precision`).
 
 Resume: a checkpoint is written every ``save_every`` optimizer steps and at the end,
 with the step in DeepSpeed's client state; once every rank has written its part, rank 0
@@ -101,14 +102,19 @@ def ensure_distributed_env() -> None:
 
 
 def resolve_precision(precision: str) -> str:
+    """``train.<stage>.precision`` on this accelerator: ``fp32``, ``bf16`` or ``fp16`` (DeepSpeed's
+    mixed precision: the model in that type, fp32 master weights), or on a CPU for ``bf16``,
+    ``autocast-bf16``: the model, its gradients and the optimizer stay fp32 and matrix products run
+    in bf16 under ``torch.autocast`` (DeepSpeed's ``torch_autocast``), which CPUs with bf16
+    instructions run faster."""
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
     if precision == "auto":
         return "fp32" if on_cpu else "bf16"
-    if on_cpu and precision != "fp32":
-        raise ValueError(f"precision {precision} needs a GPU; use fp32 (or auto) on a CPU")
-    return precision
+    if on_cpu and precision == "fp16":
+        raise ValueError("precision fp16 needs a GPU; use fp32 (or auto), or bf16 (autocast) on a CPU")
+    return "autocast-bf16" if on_cpu and precision == "bf16" else precision
 
 
 def to_device(batch, device, dtype: torch.dtype | None = None):

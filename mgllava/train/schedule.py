@@ -24,6 +24,7 @@ CONTROLLED = {  # keys of the DeepSpeed config the pipeline sets from its own fi
     "optimizer": "train.<stage>.lr, betas and weight_decay (the client AdamW; DeepSpeed would ignore this)",
     "bf16.enabled": "train.<stage>.precision",
     "fp16.enabled": "train.<stage>.precision",
+    "torch_autocast.enabled": "train.<stage>.precision",
 }
 
 
@@ -135,7 +136,8 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: d
     """The DeepSpeed config: ZeRO stage, batch split, clipping, precision, warm-up + cosine,
     with ``user`` (:func:`load_user_deepspeed_config`) merged over it (:func:`merge_deepspeed_config`).
 
-    ``precision`` is the resolved one (``fp32``, ``bf16`` or ``fp16``). The optimizer is a
+    ``precision`` is the resolved one (:func:`~mgllava.train.engine.resolve_precision`: ``fp32``,
+    ``bf16``, ``fp16`` or ``autocast-bf16``). The optimizer is a
     client ``torch.optim.AdamW`` (it runs on every accelerator, CPU included); the
     scheduler is DeepSpeed's ``WarmupCosineLR``: linear warm-up from ``lr x
     warmup_start_factor`` over ``warmup_steps``, then cosine to 0.
@@ -148,6 +150,7 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: d
         "zero_optimization": {"stage": stage.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        "torch_autocast": {"enabled": precision == "autocast-bf16", "dtype": "bfloat16"},
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
