@@ -40,6 +40,7 @@ def _config_file(tiny_world, tiny_zoo, root: Path, name: str) -> Path:
         f"train.pretrain.max_steps={STEPS}",
         "train.pretrain.epochs=10",
         "train.pretrain.save_every=1",
+        "train.pretrain.precision=fp32",  # bf16 autocast reduces gradients across ranks in bf16: not bit-equal
     ])
     return config.save(root / f"{name}.yaml")
 

@@ -154,6 +154,7 @@ def test_training_flows_report_progress_and_loss_curves(prefect_server, tiny_con
 
     config = tiny_config.model_copy(deep=True)
     config.train.pretrain.max_steps = config.train.finetune.max_steps = 2
+    config.train.pretrain.log_every = config.train.finetune.log_every = 1  # the preset's finetune logs every 10th
     config_file = str(config.save(tmp_path / "config.yaml"))
     for flow_fn, stage in ((pretrain, "pretrain"), (finetune, "finetune")):
         result, run = _run(flow_fn, config_file=config_file)
