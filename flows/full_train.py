@@ -88,14 +88,15 @@ def _run_cached(task, name: str, refresh: dict, logger, outputs, *args, **kwargs
     """``task``'s result, reused from Prefect's cache when its key matches (logged) unless one of the files
     it names (``outputs(result)``) is gone (its directory deleted since): then it is computed again."""
     state = task.with_options(**refresh)(*args, return_state=True, **kwargs)
+    result = state.result()
     if state.name == "Cached":
-        missing = [path for path in outputs(state.result()) if path and not Path(path).exists()]
+        missing = [path for path in outputs(result) if path and not Path(path).exists()]
         if not missing:
             logger.info("%s: inputs unchanged, reused the cached result (fresh=True recomputes)", name)
-            return state.result()
+            return result
         logger.info("%s: the cached result's %s no longer exists: computing it again", name, missing[0])
-        state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
-    return state.result()
+        result = task.with_options(refresh_cache=True)(*args, **kwargs)
+    return result
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

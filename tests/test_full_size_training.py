@@ -203,8 +203,13 @@ def test_bf16_on_a_cpu_runs_the_fp32_model_under_autocast(tmp_path):
 
     from mgllava.config import StageConfig
     from mgllava.train.engine import resolve_precision, run_stage
+    from mgllava.train.schedule import deepspeed_config
 
     assert resolve_precision("bf16") == "autocast-bf16" and resolve_precision("auto") == "fp32"
+    small = StageConfig(global_batch=4, micro_batch=2, lr=0.05)
+    autocast = deepspeed_config(small, _plan(small), "autocast-bf16")["torch_autocast"]
+    assert autocast == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in deepspeed_config(small, _plan(small), "bf16")  # a GPU's bf16: DeepSpeed's own
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         resolve_precision("fp16")
     outputs, weights = {}, {}

@@ -399,10 +399,10 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
 def answer_questions(model, processor, images, boxes, questions, histories=None, **generate_kwargs) -> list[str]:
     """Answers for a batch of (image, boxes, question) as :meth:`MGLLaVAProcessor.chat_inputs` reads them:
     the image a PIL image, its precomputed :class:`FrozenImageFeatures`, or None; the boxes a
-    :class:`~mgllava.model.boxes.Boxes` or None. Each answers after its earlier ``(question, answer)`` turns of ``histories``: one left-padded
-    ``generate`` call (``generate_kwargs``: ``max_new_tokens``, ``do_sample``, ``num_beams``,
-    ``streamer``...; greedy by default), stopping at the chat template's stop words, which are cut from
-    the answers."""
+    :class:`~mgllava.model.boxes.Boxes` or None. Each answers after its earlier ``(question, answer)``
+    turns of ``histories``: one left-padded ``generate`` call (``generate_kwargs``: ``max_new_tokens``,
+    ``do_sample``, ``num_beams``, ``streamer``...; greedy by default), stopping at the chat template's
+    stop words, which are cut from the answers."""
     inputs = processor.chat_inputs(images, boxes, questions, histories)
     inputs = {key: value.to(model.device) if isinstance(value, torch.Tensor) else value
               for key, value in inputs.items()}

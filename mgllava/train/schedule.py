@@ -24,7 +24,6 @@ CONTROLLED = {  # keys of the DeepSpeed config the pipeline sets from its own fi
     "optimizer": "train.<stage>.lr, betas and weight_decay (the client AdamW; DeepSpeed would ignore this)",
     "bf16.enabled": "train.<stage>.precision",
     "fp16.enabled": "train.<stage>.precision",
-    "torch_autocast.enabled": "train.<stage>.precision",
 }
 
 
@@ -150,7 +149,6 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: d
         "zero_optimization": {"stage": stage.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
-        "torch_autocast": {"enabled": precision == "autocast-bf16", "dtype": "bfloat16"},
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -164,6 +162,8 @@ def deepspeed_config(stage: StageConfig, plan: StepPlan, precision: str, user: d
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if precision == "autocast-bf16":  # otherwise left to the user's JSON, as any DeepSpeed option
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return merge_deepspeed_config(generated, user) if user else generated
 
 
