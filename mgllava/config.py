@@ -47,6 +47,11 @@ class _Section(BaseModel):
 class LLMConfig(_Section):
     path: str = Field(description="Hugging Face model directory (config, weights, tokenizer)")
     template: str = Field(description="chat template: " + ", ".join(TEMPLATES))
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="the LLM's attention kernel (transformers' attn_implementation): sdpa (PyTorch's fused "
+        "kernels), eager (plain matrix products), flash_attention_2 (needs the flash-attn package)",
+    )
 
     @field_validator("template")
     @classmethod
@@ -157,6 +162,11 @@ class ZooConfig(_Section):
         0.0, ge=0.0, le=1.0, description="share of the instruction-tuning rows that are bare letter lookups "
         "(\"Which option is red?\" over four options, no scene): with them the tiny LLM learns to bind an "
         "answer to its letter"
+    )
+    llm_instruct_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the instruction tuning's matrix products: fp32, or bf16 under torch.autocast (the "
+        "weights and AdamW's state stay fp32; attention then runs eager, as SDPA's CPU kernel is slower in bf16 for "
+        "the LLM's 32-wide heads)"
     )
 
     @model_validator(mode="after")

@@ -248,6 +248,30 @@ def test_precomputed_frozen_features_give_the_same_loss_and_gradients(model, pro
     model.set_stage("pretrain")
 
 
+def test_the_llm_attention_setting_picks_the_kernel_and_keeps_loss_and_gradients(model_config, processor,
+                                                                                 world_samples):
+    """``model.llm.attention``: eager and SDPA are two kernels of one function, on a training batch
+    (right-padded, no mask, as :class:`~mgllava.train.data.Collate` builds it)."""
+    batch = processor.collate(_records(processor, world_samples), padding_side="right")
+    del batch["attention_mask"]
+    losses, grads = {}, {}
+    for attention in ("sdpa", "eager"):
+        config = model_config.model_copy(deep=True)
+        config.llm.attention = attention
+        torch.manual_seed(0)
+        model = MGLLaVAForConditionalGeneration.from_config(config)
+        assert model.llm.config._attn_implementation == attention
+        _randomise_trainable(model)
+        model.set_stage("finetune")
+        loss = model(**batch).loss
+        loss.backward()
+        losses[attention] = loss.detach()
+        grads[attention] = model.llm.model.layers[0].self_attn.q_proj.weight.grad
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["eager"], grads["sdpa"], atol=1e-5, rtol=1e-4)
+    assert grads["sdpa"].abs().sum() > 0
+
+
 def test_generation_batched_equals_one_by_one(model, processor, world_samples):
     _randomise_trainable(model)
     (image_a, boxes_a), (image_b, _), _, (image_d, boxes_d) = world_samples

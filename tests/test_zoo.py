@@ -29,6 +29,30 @@ def test_llm_and_tokenizer_round_trip(tiny_world, tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_bf16_instruction_tuning_multiplies_in_bf16_with_eager_attention_and_keeps_fp32_weights(tiny_world):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mgllava.shapes.zoo import instruction_tune_on_text, train_tokenizer
+
+    tokenizer = train_tokenizer(tiny_world)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         pad_token_id=tokenizer.pad_token_id))
+    seen = []  # (dtype of a projection's output, the attention kernel) at each forward
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: seen.append((output.dtype, model.config._attn_implementation)))
+    losses = instruction_tune_on_text(model, tokenizer, tiny_world, "vicuna_v1", steps=3, batch_size=4,
+                                      option_share=0.5, precision="bf16")
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # no NaN
+    assert seen and set(seen) == {(torch.bfloat16, "eager")}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config._attn_implementation == "sdpa"  # given back for whoever uses the model next
+    seen.clear()
+    instruction_tune_on_text(model, tokenizer, tiny_world, "vicuna_v1", steps=1, batch_size=4)
+    assert set(seen) == {(torch.float32, "sdpa")}
+
+
 def test_answer_loss_of_groups_padded_apart_equals_one_batch_padded_together():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -104,7 +104,8 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> MGLLaVAForConditionalGeneration:
         """Build from local checkpoints (LLM, CLIP, ConvNeXt); fusion and projectors freshly initialised."""
-        llm = AutoModelForCausalLM.from_pretrained(config.llm.path, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(config.llm.path, dtype=dtype,
+                                                   attn_implementation=config.llm.attention)
         low_res = load_low_res_encoder(config.vision.clip_path, config.vision.select_layer)
         high_res = load_high_res_encoder(config.vision.convnext_path)
         for tower in (llm, low_res, high_res):  # loaded: post_init must not initialise them again

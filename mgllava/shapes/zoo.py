@@ -121,14 +121,15 @@ def build_llm(
     instruct_steps: int = 0,
     option_share: float = 0.0,
     lookup_share: float = 0.0,
+    instruct_precision: str = "fp32",
 ):
     """Train the tokenizer and the tiny LLM (``layers`` decoder layers, 128 wide) on the world's
     text, save both; return (model, what was measured).
 
     Language-model pretraining on the world's text (:func:`pretrain_on_text`), then ``instruct_steps``
     steps of instruction tuning on its questions told in words, ``option_share`` and ``lookup_share``
-    of the rows being four-option drills (:func:`instruction_tune_on_text`); :func:`caption_reading`
-    is measured after each. The report: ``{"text_loss": [first, last], "instruct_loss": [first, last]
+    of the rows being four-option drills (:func:`instruction_tune_on_text`, in ``instruct_precision``);
+    :func:`caption_reading` is measured after each. The report: ``{"text_loss": [first, last], "instruct_loss": [first, last]
     or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -157,7 +158,8 @@ def build_llm(
     report["caption_reading"] = report["caption_reading_pretrained"]
     if instruct_steps:
         losses = instruction_tune_on_text(model, tokenizer, world_dir, template, instruct_steps,
-                                          option_share=option_share, lookup_share=lookup_share)
+                                          option_share=option_share, lookup_share=lookup_share,
+                                          precision=instruct_precision)
         log.info("tiny LLM instruction tuning on text: answer loss %.3f -> %.3f", losses[0], losses[-1])
         report["instruct_loss"] = [losses[0], losses[-1]]
         report["caption_reading"] = caption_reading(model, tokenizer, world_dir, template)
@@ -214,6 +216,7 @@ def instruction_tune_on_text(
     batch_size: int = 16,
     option_share: float = 0.0,
     lookup_share: float = 0.0,
+    precision: str = "fp32",
 ) -> list[float]:
     """Instruction tuning (``steps`` steps) of the tiny LLM on the world's questions told in words.
 
@@ -224,10 +227,14 @@ def instruction_tune_on_text(
     ``option_share`` of the rows are four-option questions about a training scene told in words
     (:func:`~mgllava.shapes.world.questions.four_option_question`) and ``lookup_share`` bare letter
     lookups (:func:`~mgllava.shapes.world.questions.letter_lookup`), fresh ones each step, so that
-    the LLM binds an answer to its option's letter (why: docs/findings.md). Returns each step's loss.
+    the LLM binds an answer to its option's letter (why: docs/findings.md). ``precision`` ``bf16``: the
+    matrix products in bf16 (``torch.autocast``) and eager attention, as ``shapes.zoo.llm_instruct_precision``
+    says; the weights and AdamW's state stay fp32. Returns each step's loss.
     """
     import random
     from collections import Counter
+
+    import torch
 
     from mgllava.model.processing_mgllava import IGNORE_INDEX
     from mgllava.shapes.towers import fit
@@ -261,14 +268,20 @@ def instruction_tune_on_text(
     kinds = ("lookup", "option", "conversation")
     shares = (lookup_share, option_share, max(0.0, 1.0 - lookup_share - option_share))
 
+    bf16 = precision == "bf16"
+
     def loss_of_step(step: int):
         drawn = Counter(rng.choices(kinds, shares, k=batch_size))
         groups = [[row(kind) for _ in range(drawn[kind])] for kind in kinds if drawn[kind]]
-        return answer_loss(model, groups, tokenizer.pad_token_id)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return answer_loss(model, groups, tokenizer.pad_token_id)
 
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager" if bf16 else attention)
     model.train()
     losses = fit(model.parameters(), steps, lr, loss_of_step, weight_decay=0.0, name="tiny LLM instruction tuning")
     model.eval()
+    model.set_attn_implementation(attention)
     return losses
 
 
@@ -482,7 +495,7 @@ def build_zoo_llm(out_dir: str | Path, world_dir: str | Path, max_length: int, r
     torch.manual_seed(0)
     _, report = build_llm(Path(out_dir) / "llm", world_dir, max_length, layers=recipe.llm_layers,
                           instruct_steps=recipe.llm_instruct_steps, option_share=recipe.llm_option_share,
-                          lookup_share=recipe.llm_lookup_share)
+                          lookup_share=recipe.llm_lookup_share, instruct_precision=recipe.llm_instruct_precision)
     return report
 
 
