@@ -115,10 +115,12 @@ def test_two_cpu_ranks_match_one_and_a_killed_rank_fails_the_job_then_resumes(
     from mgllava.train.launch import JobFailed, run_stage_job
 
     config = load_config(path=_config_file(tiny_world, tiny_zoo, tmp_path, "out"))
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # DeepSpeed's CPU all-reduce
     monkeypatch.setenv(FAULT_ENV, "step:3@1")  # rank 1 dies in step 3; the launcher stops rank 0
     with pytest.raises(JobFailed) as failed:
         run_stage_job(config, "pretrain", "ranks", lambda line: None, num_gpus=2)
     assert failed.value.returncode != 0
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory  # none left behind
     [(status, reason)] = _warehouse_rows("SELECT status, reason FROM train_stages WHERE run_id = ?", "ranks")
     assert status == "failed" and reason  # rank 0's own error (gloo lost its peer) or the launcher's exit code
 
@@ -128,4 +130,5 @@ def test_two_cpu_ranks_match_one_and_a_killed_rank_fails_the_job_then_resumes(
     assert json.loads((tmp_path / "out" / "pretrain" / "checkpoints" / "plan.json").read_text())["world_size"] == 2
     _assert_same_run(reference, "ranks", tmp_path / "out")
     assert _warehouse_rows("SELECT status FROM train_stages WHERE run_id = ?", "ranks") == [("completed",)]
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory
     fault_ledger.record("one of 2 training ranks killed mid-run", survived=True)
