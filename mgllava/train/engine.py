@@ -106,10 +106,14 @@ def release_shared_memory_names(rank: int) -> None:
 
     Under the ``deepspeed`` launcher on a CPU, DeepSpeed's shm op (``init_distributed``) maps each rank's
     workspace (about 66 MB) as ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` and never
-    removes the name, so every CPU job would leave its workspaces in memory until the machine restarts (a
-    few hundred jobs filled 15 GB of RAM). Every rank opens every other's while it initialises; after the
+    removes the name, so every CPU job would leave its workspaces in memory until the machine restarts. Every rank opens every other's while it initialises; after the
     barrier all are open, and removing the names frees nothing that is in use: the memory goes when the
-    last process that mapped it exits, also if it is killed."""
+    last process that mapped it exits, also if it is killed. Other accelerators have no such workspace (and
+    no barrier here: NCCL's would run before each rank has its device)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
     torch.distributed.barrier()
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
