@@ -49,8 +49,9 @@ class LLMConfig(_Section):
     template: str = Field(description="chat template: " + ", ".join(TEMPLATES))
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa",
-        description="the LLM's attention kernel (transformers' attn_implementation): sdpa (PyTorch's fused "
-        "kernels), eager (plain matrix products), flash_attention_2 (needs the flash-attn package)",
+        description="the LLM's attention kernel in training (transformers' attn_implementation): sdpa "
+        "(PyTorch's fused kernels), eager (plain matrix products), flash_attention_2 (needs the flash-attn "
+        "package); an exported model loads with transformers' default",
     )
 
     @field_validator("template")

@@ -256,6 +256,7 @@ def test_export_loads_with_the_auto_classes_and_generates(tiny, tmp_path, monkey
     assert json.loads((export / "config.json").read_text())["model_type"] == "mgllava"
     assert AutoConfig.from_pretrained(export).image_seq_length == 64
     loaded = AutoModelForImageTextToText.from_pretrained(export).eval()
+    loaded.llm.set_attn_implementation(model.llm.config._attn_implementation)  # a load-time choice, not exported
     loaded_processor = AutoProcessor.from_pretrained(export)
     assert isinstance(loaded, MGLLaVAForConditionalGeneration) and isinstance(loaded_processor, MGLLaVAProcessor)
     assert loaded_processor.to_dict() == processor.to_dict()
@@ -292,7 +293,9 @@ def test_a_legacy_export_loads_and_upgrades(tiny, tmp_path):
     upgrade_export(legacy)
     assert (legacy / "config.json").is_file() and not (legacy / "mgllava_config.json").exists()
     assert not (legacy / "llm").exists() and (legacy / "detector" / "detector.json").read_text() == "{}"
-    assert torch.equal(_logits(AutoModelForImageTextToText.from_pretrained(legacy).eval(), batch), expected)
+    upgraded = AutoModelForImageTextToText.from_pretrained(legacy).eval()
+    upgraded.llm.set_attn_implementation(model.llm.config._attn_implementation)  # a load-time choice, not exported
+    assert torch.equal(_logits(upgraded, batch), expected)
     with pytest.raises(ValueError, match="not a legacy"):
         upgrade_export(legacy)
 

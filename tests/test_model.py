@@ -343,6 +343,7 @@ def test_export_then_from_pretrained_reproduces_logits(model, processor, world_s
     config = json.loads((export_dir / "config.json").read_text())
     assert (config["text_config"]["model_type"], config["vision_config"]["model_type"]) == ("llama", "clip_vision_model")
     loaded = MGLLaVAForConditionalGeneration.from_pretrained(export_dir).eval()
+    loaded.llm.set_attn_implementation(model.llm.config._attn_implementation)  # a load-time choice, not exported
     assert loaded.config.convnext_config == model.config.convnext_config
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
 

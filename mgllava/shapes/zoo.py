@@ -129,8 +129,8 @@ def build_llm(
     Language-model pretraining on the world's text (:func:`pretrain_on_text`), then ``instruct_steps``
     steps of instruction tuning on its questions told in words, ``option_share`` and ``lookup_share``
     of the rows being four-option drills (:func:`instruction_tune_on_text`, in ``instruct_precision``);
-    :func:`caption_reading` is measured after each. The report: ``{"text_loss": [first, last], "instruct_loss": [first, last]
-    or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
+    :func:`caption_reading` is measured after each. The report: ``{"text_loss": [first, last],
+    "instruct_loss": [first, last] or None, "caption_reading_pretrained": ..., "caption_reading": ...}``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 

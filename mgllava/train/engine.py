@@ -106,10 +106,11 @@ def release_shared_memory_names(rank: int) -> None:
 
     Under the ``deepspeed`` launcher on a CPU, DeepSpeed's shm op (``init_distributed``) maps each rank's
     workspace (about 66 MB) as ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` and never
-    removes the name, so every CPU job would leave its workspaces in memory until the machine restarts. Every rank opens every other's while it initialises; after the
-    barrier all are open, and removing the names frees nothing that is in use: the memory goes when the
-    last process that mapped it exits, also if it is killed. Other accelerators have no such workspace (and
-    no barrier here: NCCL's would run before each rank has its device)."""
+    removes the name, so every CPU job would leave its workspaces in memory until the machine restarts.
+    Every rank opens every other's while it initialises; after the barrier all are open, and removing the
+    names frees nothing that is in use: the memory goes when the last process that mapped it exits, also
+    if it is killed. Other accelerators have no such workspace (and no barrier here: NCCL's would run
+    before each rank has its device)."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
