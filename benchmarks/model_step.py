@@ -19,6 +19,7 @@ JSON object with every figure; writes nothing outside a temporary directory.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -105,11 +106,11 @@ def build_tiny(root: Path) -> tuple[Model, MGLLaVAProcessor]:
 
 def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: int) -> tuple[Model, MGLLaVAProcessor]:
     """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     low_res_encoder, high_res_encoder = random_full_size_encoders()
     tokenizer = tiny_processor.tokenizer
-    llm = LlamaForCausalLM(
+    llm = AutoModelForCausalLM.from_config(  # as the training job loads it: with an attention kernel set
         LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=llm_width,
@@ -118,7 +119,8 @@ def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: 
             num_attention_heads=8,
             num_key_value_heads=8,
             max_position_embeddings=2048,
-        )
+        ),
+        attn_implementation="sdpa",
     )
     processor = MGLLaVAProcessor(
         tokenizer,
@@ -129,8 +131,9 @@ def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: 
         max_text_length=2048 - 576,
         image_seq_length=576,
     )
-    config = MGLLaVAConfig(
-        text_config=llm.config, vision_config=low_res_encoder.clip.config, template=tiny.config.template,
+    config = MGLLaVAConfig(  # copies of the towers' configs: building the model resets its sub-configs' kernel
+        text_config=copy.deepcopy(llm.config), vision_config=copy.deepcopy(low_res_encoder.clip.config),
+        template=tiny.config.template,
         high_res=768, low_res=336, roi_output=56, max_length=2048, object_features=tiny.config.object_features,
     )
     return Model(config, llm, low_res_encoder, high_res_encoder), processor

@@ -3,11 +3,13 @@
 The model is the full-size vision path of SPEC section 2 with random weights (CLIP
 ViT-L/14-336 and the OpenCLIP ConvNeXt-Large-D-320 trunk, built by
 ``mgllava.model.random_full_size_encoders``; high-res 768, low-res 336, RoIAlign 56 over 2880
-channels, ``direct`` object features) around a Llama-shaped LLM of about 1B parameters
-(hidden 2048, 16 layers, 32 heads, MLP 5632, vocabulary 32000; random weights). It is
-trained by the project's own loop, :func:`mgllava.train.engine.run_stage`: a DeepSpeed
-ZeRO-2 engine with the client ``torch.optim.AdamW``, bf16 on a GPU (``precision: auto``),
-WarmupCosineLR, grad-norm clipping 1.0.
+channels, ``direct`` object features) around a Llama-shaped LLM with random weights: ``--llm 1b``
+(hidden 2048, 16 layers, 32 heads, MLP 5632, vocabulary 32000) or ``--llm vicuna-7b`` (hidden
+4096, 32 layers, 32 heads, MLP 11008). It is trained by the project's own loop,
+:func:`mgllava.train.engine.run_stage`: a DeepSpeed ZeRO-2 engine with the client
+``torch.optim.AdamW`` (fused where the parameters' device has the kernel), bf16 on a GPU
+(``precision: auto``), WarmupCosineLR, grad-norm clipping 1.0; ``--gradient-checkpointing``
+recomputes the LLM's layers in the backward pass (as the full-size presets do).
 
 Data are synthetic and held in memory (the collate of the real loop still runs): every
 sample has one 768 x 768 image (random normal pixels), ``--boxes`` boxes, and random text
@@ -28,14 +30,17 @@ SXM dense bf16 figure) under two counts of the FLOPs per sample:
   towers' forward, counted once with ``torch.utils.flop_counter`` (no backward). Attention
   score/value products are left out, as in the 6ND convention.
 - ``counted``: ``torch.utils.flop_counter.FlopCounterMode`` over one real forward +
-  backward of a micro-batch before training (matrix products, convolutions, attention
-  counted as full, not causal; RoIAlign, norms and element-wise work not counted).
+  backward of two samples before training, without checkpointing (matrix products,
+  convolutions, attention counted as full, not causal; RoIAlign, norms and element-wise work
+  not counted). Neither count includes checkpointing's recomputation: MFU, not hardware FLOP
+  utilisation.
 
-Checkpoint writes are switched off (``DeepSpeedEngine.save_checkpoint`` patched to a no-op):
+Checkpoint writes are switched off (``DeepSpeedEngine.save_checkpoint`` patched to write nothing):
 they are not part of a training step and would write ~13 GB per save at this size.
 
     python benchmarks/train_step_gpu.py [--stage finetune|pretrain] [--micro-batch 4]
         [--grad-accum 1] [--steps 8] [--warmup 3] [--boxes 16] [--text-tokens N] [--size full|tiny]
+        [--llm 1b|vicuna-7b] [--gradient-checkpointing]
 
 ``--size tiny`` (small towers and LLM) checks the script on a CPU in seconds
 (``DS_ACCELERATOR=cpu`` is set when no GPU is visible; precision is then fp32).
@@ -44,6 +49,7 @@ they are not part of a training step and would write ~13 GB per save at this siz
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -78,22 +84,9 @@ from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 GiB = 2**30
 
-# name -> (high_res, low_res, roi_output, max_length, Llama config kwargs)
+# name -> (high_res, low_res, roi_output, max_length, Llama config kwargs of the default LLM)
 SIZES = {
-    "full": (
-        768,
-        336,
-        56,
-        2048,
-        dict(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-        ),
-    ),
+    "full": (768, 336, 56, 2048, None),  # the LLM: --llm
     "tiny": (
         256,
         112,
@@ -109,13 +102,37 @@ SIZES = {
         ),
     ),
 }
+# the Llama shapes of ``--size full`` (random weights)
+LLMS = {
+    "1b": dict(  # the shape of benchmarks/RESULTS.md's MFU figures
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "vicuna-7b": dict(  # Vicuna-1.5-7B (Llama-2-7B): 6.74 B parameters
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+}
+
+
+def llm_shape(size: str, llm: str) -> dict:
+    """The Llama config kwargs of ``--size`` and ``--llm`` (the tiny size has its own)."""
+    return SIZES[size][4] or LLMS[llm]
 
 
 def tiny_encoders() -> tuple[LowResEncoder, HighResEncoder]:
     import timm
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import AutoModel, CLIPVisionConfig
 
-    clip = CLIPVisionModel(
+    clip = AutoModel.from_config(
         CLIPVisionConfig(
             hidden_size=64,
             intermediate_size=128,
@@ -123,22 +140,27 @@ def tiny_encoders() -> tuple[LowResEncoder, HighResEncoder]:
             num_attention_heads=2,
             image_size=112,
             patch_size=14,
-        )
+        ),
+        attn_implementation="sdpa",
     )
     return LowResEncoder(clip, -2), HighResEncoder(timm.create_model("convnext_atto", pretrained=False))
 
 
 def build_model(
-    size: str, stage: str, device: torch.device, object_features: str = "direct"
+    size: str, stage: str, device: torch.device, object_features: str = "direct", llm_name: str = "1b"
 ) -> tuple[MGLLaVAForConditionalGeneration, MGLLaVAProcessor]:
     from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    high_res, low_res, roi, max_length, llm_kwargs = SIZES[size]
+    high_res, low_res, roi, max_length, _ = SIZES[size]
+    llm_kwargs = llm_shape(size, llm_name)
     torch.manual_seed(0)
     with device:  # initialise the random weights where they will live
         low_res_encoder, high_res_encoder = random_full_size_encoders() if size == "full" else tiny_encoders()
-        llm = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs))
+        # from_config, as the training job loads an LLM: a model constructed directly has no attention kernel set
+        # and falls back to eager attention (which materialises every layer's score matrix)
+        llm = AutoModelForCausalLM.from_config(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs),
+                                               attn_implementation="sdpa")
     n_image_tokens = low_res_encoder.grid**2
     # only ``collate`` and the placeholder expansion are used (text is synthetic token ids): a
     # three-token tokenizer gives the pad, BOS and EOS ids
@@ -149,7 +171,9 @@ def build_model(
         tokenizer, "vicuna_v1", high_res, CLIP_MEAN, CLIP_STD, max_text_length=max_length - n_image_tokens,
         image_seq_length=n_image_tokens,
     )
-    config = MGLLaVAConfig(text_config=llm.config, vision_config=low_res_encoder.clip.config, template="vicuna_v1",
+    # copies of the towers' configs: building the model resets its sub-configs' attention kernel
+    config = MGLLaVAConfig(text_config=copy.deepcopy(llm.config),
+                           vision_config=copy.deepcopy(low_res_encoder.clip.config), template="vicuna_v1",
                            high_res=high_res, low_res=low_res, object_features=object_features, roi_output=roi,
                            max_length=max_length)
     model = MGLLaVAForConditionalGeneration(config, llm, low_res_encoder, high_res_encoder).to(device)
@@ -254,6 +278,30 @@ def breakdown(model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torch.
     return parts
 
 
+def forward_backward_times(
+    model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torch.dtype | None, warmup: int, steps: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of ``steps`` forward + backward passes of ``batch`` after ``warmup`` ones (gradients
+    dropped after each), and the first and last loss."""
+    from mgllava.train.engine import to_device
+
+    batch = to_device(batch, model.device, dtype)
+    model.train()
+    seconds, losses = [], []
+    for _ in range(warmup + steps):
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        model.zero_grad(set_to_none=True)
+    return seconds[warmup:], [losses[0], losses[-1]]
+
+
 def matmul_tflops(device: torch.device) -> float | None:
     """Measured bf16 rate of an 8192^3 matrix product (random data; median of 10 after 3 warm-ups)."""
     if device.type != "cuda":
@@ -280,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--llm", choices=sorted(LLMS), default="1b", help="the LLM's shape at --size full (default 1b)")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute the LLM's activations in the backward pass"
+    )
     parser.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune")
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (default 4)")
     parser.add_argument(
@@ -305,13 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time the parts of a step outside the engine"
     )
+    parser.add_argument(
+        "--forward-backward-only",
+        action="store_true",
+        help="time the model's forward + backward alone (no optimizer, no DeepSpeed): the memory of the model, "
+        "its gradients and activations, for an LLM whose optimizer states do not fit on one card",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     import deepspeed.runtime.engine
 
     from mgllava.train.data import Collate
-    from mgllava.train.engine import resolve_precision, run_stage
+    from mgllava.train.engine import fused_adamw_supported, resolve_precision, run_stage
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -321,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 8192^3 matmul: {measured_matmul:.0f} TFLOP/s (measured ceiling)", flush=True)
 
     started = time.perf_counter()
-    model, processor = build_model(args.size, args.stage, device, args.object_features)
-    high_res, _, _, max_length, llm_kwargs = SIZES[args.size]
+    model, processor = build_model(args.size, args.stage, device, args.object_features, args.llm)
+    high_res, _, _, max_length, _ = SIZES[args.size]
+    llm_kwargs = llm_shape(args.size, args.llm)
     n_image_tokens = model.low_res_encoder.grid**2
     text_tokens = args.text_tokens or max_length - n_image_tokens - args.boxes + 1
     llm_tokens = min(
@@ -348,13 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(stage.precision))
 
-    # FLOPs: one counted forward + backward (before the engine; the grads are dropped), and the analytic count
-    first = collate([dataset[i] for i in range(args.micro_batch)])
-    first.pop("skipped"), first.pop("n_tokens")
+    # FLOPs: one counted forward + backward of two samples (before the engine, and before checkpointing, whose
+    # recomputation is not model FLOPs; the grads are dropped), and the analytic count
+    def batch_of(n: int) -> dict:
+        batch = collate([dataset[i] for i in range(n)])
+        batch.pop("skipped"), batch.pop("n_tokens")
+        return batch
+
     model.to(dtype or torch.float32)
-    counted_step, vision_forward = count_flops(model, first, dtype)
-    parts = breakdown(model, first, dtype) if args.breakdown else {}
-    counted_per_sample = counted_step / args.micro_batch
+    counted_samples = min(args.micro_batch, 2)
+    counted_step, vision_forward = count_flops(model, batch_of(counted_samples), dtype)
+    counted_per_sample = counted_step / counted_samples
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    parts = breakdown(model, batch_of(args.micro_batch), dtype) if args.breakdown else {}
     n_llm = sum(p.numel() for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel()
     k = 6 if args.stage == "finetune" else 4
     n_fusion = sum(p.numel() for p in model.fusion.parameters())
@@ -366,30 +432,37 @@ def main(argv: list[str] | None = None) -> int:
         + vision_forward
     )
 
-    deepspeed.runtime.engine.DeepSpeedEngine.save_checkpoint = lambda self, *a, **kw: (
-        True
-    )  # see the docstring
+    def no_checkpoint(self, save_dir: str, tag: str, **kwargs) -> bool:  # see the docstring
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)  # the folder run_stage marks complete
+        return True
+
+    deepspeed.runtime.engine.DeepSpeedEngine.save_checkpoint = no_checkpoint
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "ckpt").mkdir()
-        result = run_stage(
-            model, dataset, collate, stage, args.stage, Path(tmp) / "ckpt", seed=0, progress=False
-        )
+    if args.forward_backward_only:
+        seconds, losses = forward_backward_times(model, batch_of(args.micro_batch), dtype, args.warmup, args.steps)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "ckpt").mkdir()
+            result = run_stage(
+                model, dataset, collate, stage, args.stage, Path(tmp) / "ckpt", seed=0, progress=False
+            )
+        seconds = [global_batch / m.samples_per_s for m in result.metrics[args.warmup :]]
+        losses = [result.metrics[0].loss, result.metrics[-1].loss]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
-
-    measured = result.metrics[args.warmup :]
-    seconds = [global_batch / m.samples_per_s for m in measured]
-    samples_per_s = global_batch * len(measured) / sum(seconds)
+    samples_per_s = global_batch * len(seconds) / sum(seconds)
     peak_flops = args.peak_tflops * 1e12
     results = {
         "device": gpu,
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "size": args.size,
+        "llm": args.llm if args.size == "full" else "tiny",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "fused_adamw": fused_adamw_supported([p for p in model.parameters() if p.requires_grad]),
         "stage": args.stage,
         "precision": str(dtype).removeprefix("torch.") if dtype else "fp32",
         "zero_stage": stage.zero_stage,
@@ -406,13 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "warmup_steps": args.warmup,
-        "measured_steps": len(measured),
+        "measured_steps": len(seconds),
+        "timed": "forward + backward (no optimizer)" if args.forward_backward_only else "DeepSpeed training step",
         "step_s_median": statistics.median(seconds),
         "step_s_min": min(seconds),
         "step_s_max": max(seconds),
         "samples_per_s": samples_per_s,
         "llm_tokens_per_s": samples_per_s * llm_tokens,
-        "loss_first_last": [result.metrics[0].loss, result.metrics[-1].loss],
+        "loss_first_last": losses,
         "peak_allocated_gib": peak / GiB if peak else None,
         "peak_reserved_gib": reserved / GiB if reserved else None,
         "vision_forward_tflop_per_image": vision_forward / 1e12,
@@ -428,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     memory = f"{results['peak_allocated_gib']:.1f} GiB" if peak else "n/a (cpu)"
     print(
-        f"\n{args.size} {args.stage} micro-batch {args.micro_batch} x accum {args.grad_accum}, "
+        f"\n{args.size} ({results['llm']} LLM{', checkpointed' if args.gradient_checkpointing else ''}) "
+        f"{args.stage} micro-batch {args.micro_batch} x accum {args.grad_accum}, "
         f"{llm_tokens} LLM tokens/sample, {args.boxes} boxes: {samples_per_s:.2f} samples/s "
         f"({results['llm_tokens_per_s']:.0f} LLM tokens/s), step {results['step_s_median']:.3f} s median; "
         f"peak memory {memory}; MFU analytic {100 * results['mfu_analytic']:.1f}%, "
