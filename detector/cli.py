@@ -43,6 +43,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--imgsz", type=int, help="inference size (default: detector.imgsz)")
     p.add_argument("--batch", type=int, help="images per forward pass (default: detector.batch)")
     p.add_argument("--device", help="auto, cpu or a CUDA device such as 0 (default: detector.device)")
+    p.add_argument("--loader-threads", type=int,
+                   help="threads decoding images ahead of the detector (default: detector.loader_threads)")
     p.add_argument("--shard-size", type=int, help="images per Parquet shard (default: detector.shard_size)")
     p.add_argument("--fresh", action="store_true", help="replace a box table of another run in --out")
     p.add_argument("--dask-address", metavar="ADDR",
@@ -145,7 +147,7 @@ def _run_detect(args: argparse.Namespace) -> int:
 
     settings = DetectorSettings.from_config(
         det, model=args.model, classes=args.classes, class_embeddings=args.class_embeddings, conf=args.conf,
-        iou=args.iou, imgsz=args.imgsz, batch=args.batch, device=args.device,
+        iou=args.iou, imgsz=args.imgsz, batch=args.batch, device=args.device, loader_threads=args.loader_threads,
         allow_absolute_image_paths=config.data.allow_absolute_image_paths,
     )
     try:

@@ -59,6 +59,7 @@ class DetectorSettings:
     device: str = "auto"
     max_image_pixels: int = 50_000_000
     allow_absolute_image_paths: bool = False  # data.allow_absolute_image_paths: which inputs, not which boxes
+    loader_threads: int | None = None  # threads reading and decoding images ahead; None: loader_threads_for
 
     @classmethod
     def from_config(cls, det, **overrides) -> DetectorSettings:
@@ -66,6 +67,7 @@ class DetectorSettings:
         values = dict(
             model=det.model, classes=tuple(det.classes) if det.classes else None, conf=det.conf, iou=det.iou,
             imgsz=det.imgsz, batch=det.batch, device=det.device, max_image_pixels=det.max_image_pixels,
+            loader_threads=det.loader_threads,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values.get("classes") is not None:

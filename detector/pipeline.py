@@ -39,6 +39,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,8 +409,40 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
-def _load_batch(batch: list[tuple[str, str]], max_pixels: int) -> list[LoadedImage | Rejected]:
-    return [load_image(key, path, max_pixels) for key, path in batch]
+def loader_threads_for(settings: DetectorSettings, device: str) -> int:
+    """``settings.loader_threads``, or by default: 0 on a CPU device (the detector's thread decodes between
+    forwards: on a small CPU a loader beside the forward stalls the forward's own threads, which use every
+    core, by more than it hides), else one thread per spare core, up to 8 (a GPU forward outruns one
+    decoding thread many times over)."""
+    if settings.loader_threads is not None:
+        return settings.loader_threads
+    return 0 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _loaded_batches(items: list[tuple[str, str]], settings: DetectorSettings,
+                    threads: int) -> Iterator[list[LoadedImage | Rejected]]:
+    """The images of ``items`` in batches of ``settings.batch``, each image loaded (or rejected), in order:
+    by this thread when needed (``threads`` 0), or by a pool of ``threads`` that loads up to two batches
+    ahead of the one returned."""
+    batches = _batches(items, settings.batch)
+    if threads == 0:
+        for batch in batches:
+            yield [load_image(key, path, settings.max_image_pixels) for key, path in batch]
+        return
+    with cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="detect-load") as pool:
+        ahead: deque[list[cf.Future]] = deque()
+
+        def submit(batch: list[tuple[str, str]]) -> None:
+            ahead.append([pool.submit(load_image, key, path, settings.max_image_pixels) for key, path in batch])
+
+        for batch in itertools.islice(batches, 2):
+            submit(batch)
+        while ahead:
+            futures = ahead.popleft()
+            next_batch = next(batches, None)
+            if next_batch is not None:
+                submit(next_batch)
+            yield [future.result() for future in futures]
 
 
 @dataclass
@@ -470,10 +504,7 @@ def run_shard(out: str | Path, index: int, progress: Callable[[int], None] | Non
         ):
             rejects[col].append(val)
 
-    # Decoding runs in this thread, between forwards: on a small CPU a decoder thread beside the forward
-    # stalls the forward's own threads (torch uses every core) by more than the decoding it hides.
-    for batch in _batches(items, settings.batch):
-        loaded = _load_batch(batch, settings.max_image_pixels)
+    for loaded in _loaded_batches(items, settings, loader_threads_for(settings, detector.device)):
         good = [x for x in loaded if isinstance(x, LoadedImage)]
         when = _now()
         try:

@@ -229,6 +229,11 @@ class DetectorConfig(_Section):
     batch: int = Field(16, gt=0)
     device: str = Field("auto", description="auto, cpu, or a CUDA device such as 0")
     shard_size: int = Field(256, gt=0, description="images per Parquet shard")
+    loader_threads: int | None = Field(
+        None, ge=0, description="threads that read and decode images ahead of the detector; 0: the detector's "
+        "thread decodes between forwards; default: 0 on a CPU device (a loader beside the forward slows it on few "
+        "cores), else up to 8 (one per spare core)",
+    )
     max_image_pixels: int = Field(
         50_000_000, gt=0, description="larger images are rejected, by detection, training, import and chat alike"
     )

@@ -379,3 +379,33 @@ def test_cli_module_is_light():
     code = "import sys, detector.cli; bad = [m for m in ('torch', 'ultralytics') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- loading ahead
+
+
+def test_a_loader_pool_writes_the_same_tables_as_decoding_between_forwards(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 10)
+    (images / "corrupt.png").write_bytes(b"this is not an image at all")
+    columns = ["image_key", "width", "height", "sha256", "boxes", "shard"]
+    tables = {}
+    for threads in (0, 3):
+        res = pipeline.run_detection([images], tmp_path / f"out{threads}", settings(loader_threads=threads),
+                                     shard_size=8)  # two shards of two and one batches of 4
+        tables[threads] = (read_boxes(res.out).select(columns).to_pylist(),
+                           read_rejects(res.out).select(["image_key", "reason", "shard"]).to_pylist())
+        assert res.manifest["totals"]["rows"] + res.manifest["totals"]["rejects"] == 11
+    assert tables[3] == tables[0]
+    assert [r["image_key"] for r in tables[0][1]] == ["corrupt.png"]
+
+
+def test_images_are_loaded_ahead_on_a_gpu_and_between_forwards_on_a_cpu(tmp_path):
+    assert pipeline.loader_threads_for(settings(), "cpu") == 0
+    assert 1 <= pipeline.loader_threads_for(settings(), "0") <= 8
+    assert pipeline.loader_threads_for(settings(loader_threads=5), "cpu") == 5
+    make_images(tmp_path, 9)
+    items = [(p.name, str(p)) for p in sorted(tmp_path.glob("*.png"))]
+    loaded = list(pipeline._loaded_batches(items, settings(), threads=2))
+    assert [len(batch) for batch in loaded] == [4, 4, 1]
+    assert [image.key for batch in loaded for image in batch] == [key for key, _ in items]
