@@ -19,7 +19,6 @@ JSON object with every figure; writes nothing outside a temporary directory.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
@@ -131,9 +130,8 @@ def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: 
         max_text_length=2048 - 576,
         image_seq_length=576,
     )
-    config = MGLLaVAConfig(  # copies of the towers' configs: building the model resets its sub-configs' kernel
-        text_config=copy.deepcopy(llm.config), vision_config=copy.deepcopy(low_res_encoder.clip.config),
-        template=tiny.config.template,
+    config = MGLLaVAConfig(
+        text_config=llm.config, vision_config=low_res_encoder.clip.config, template=tiny.config.template,
         high_res=768, low_res=336, roi_output=56, max_length=2048, object_features=tiny.config.object_features,
     )
     return Model(config, llm, low_res_encoder, high_res_encoder), processor

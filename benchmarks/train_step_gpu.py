@@ -49,7 +49,6 @@ they are not part of a training step and would write ~13 GB per save at this siz
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -171,9 +170,7 @@ def build_model(
         tokenizer, "vicuna_v1", high_res, CLIP_MEAN, CLIP_STD, max_text_length=max_length - n_image_tokens,
         image_seq_length=n_image_tokens,
     )
-    # copies of the towers' configs: building the model resets its sub-configs' attention kernel
-    config = MGLLaVAConfig(text_config=copy.deepcopy(llm.config),
-                           vision_config=copy.deepcopy(low_res_encoder.clip.config), template="vicuna_v1",
+    config = MGLLaVAConfig(text_config=llm.config, vision_config=low_res_encoder.clip.config, template="vicuna_v1",
                            high_res=high_res, low_res=low_res, object_features=object_features, roi_output=roi,
                            max_length=max_length)
     model = MGLLaVAForConditionalGeneration(config, llm, low_res_encoder, high_res_encoder).to(device)

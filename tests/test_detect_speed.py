@@ -3,6 +3,7 @@ images are decoded in the thread that runs the detector (no decoder thread besid
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -10,6 +11,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from test_detect import make_images
 
@@ -42,10 +44,12 @@ def test_rows_equal_ultralytics_predict(tmp_path, boxy):
     assert res.manifest["totals"]["boxes"] == n_boxes
 
 
-def test_images_are_decoded_in_the_detecting_thread(tmp_path, monkeypatch):
-    make_images(tmp_path / "images", 4)
+@pytest.mark.parametrize("loader_threads", [None, 2], ids=["cpu-default", "pool"])
+def test_images_are_decoded_in_the_detecting_thread_on_a_cpu_and_by_a_pool_when_asked(tmp_path, monkeypatch,
+                                                                                      loader_threads):
+    make_images(tmp_path / "images", 10)
     seen: dict[str, set] = {"load": set(), "predict": set()}
-    real_load, real_predict = pipeline._load_batch, Detector.predict
+    real_load, real_predict = pipeline.load_image, Detector.predict
 
     def load(*args):
         seen["load"].add(threading.get_ident())
@@ -55,7 +59,13 @@ def test_images_are_decoded_in_the_detecting_thread(tmp_path, monkeypatch):
         seen["predict"].add(threading.get_ident())
         return real_predict(self, images)
 
-    monkeypatch.setattr(pipeline, "_load_batch", load)
+    monkeypatch.setattr(pipeline, "load_image", load)
     monkeypatch.setattr(Detector, "predict", predict)
-    pipeline.run_detection([tmp_path / "images"], tmp_path / "out", _settings("yolo11n.yaml"), shard_size=4)
-    assert seen["load"] and seen["load"] == seen["predict"]
+    settings = dataclasses.replace(_settings("yolo11n.yaml"), loader_threads=loader_threads)
+    assert settings.device == "cpu"
+    pipeline.run_detection([tmp_path / "images"], tmp_path / "out", settings, shard_size=8)
+    assert seen["load"] and seen["predict"]
+    if loader_threads is None:  # a CPU device: decoding between forwards
+        assert seen["load"] == seen["predict"]
+    else:
+        assert not seen["load"] & seen["predict"] and len(seen["load"]) <= loader_threads

@@ -21,6 +21,7 @@ from mgllava.model import (
     IMAGE_TOKEN_INDEX,
     OBJECT_TOKEN_INDEX,
     Boxes,
+    MGLLaVAConfig,
     MGLLaVAForConditionalGeneration,
     MGLLaVAProcessor,
     answer_questions,
@@ -311,3 +312,19 @@ def test_import_is_light_and_registers_when_transformers_comes():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "MGLLaVAConfig"
+
+
+def test_a_config_built_around_loaded_towers_leaves_their_attention_kernels_alone():
+    """transformers sets a composite config's attention kernel on its sub-configs too: built around a
+    tower's own config object, it would reset that tower to None, which runs eager attention."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+    llm = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        attn_implementation="sdpa")
+    clip = AutoModel.from_config(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=28, patch_size=14), attn_implementation="sdpa")
+    config = MGLLaVAConfig(text_config=llm.config, vision_config=clip.config)
+    assert llm.config._attn_implementation == clip.config._attn_implementation == "sdpa"
+    assert config.text_config.hidden_size == 32 and config.vision_config.image_size == 28

@@ -17,6 +17,7 @@ id 0 before its embedding lookup and overwrites those rows with image and object
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,11 @@ class MGLLaVAConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # sub-configs given as objects are copied: setting this config's attention kernel sets theirs too
+        # (transformers recurses into sub-configs), which would reset a loaded tower's kernel to None (eager)
+        for key in self.sub_configs_defaults:
+            if isinstance(getattr(self, key), PreTrainedConfig):
+                setattr(self, key, copy.deepcopy(getattr(self, key)))
         super().__post_init__(**kwargs)
         self.granularities = list(self.granularities or GRANULARITIES)
         self.tie_word_embeddings = self.tie_word_embeddings or bool(self.text_config.tie_word_embeddings)
