@@ -105,11 +105,11 @@ def build_tiny(root: Path) -> tuple[Model, MGLLaVAProcessor]:
 
 def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: int) -> tuple[Model, MGLLaVAProcessor]:
     """Full-size encoders (random weights) around a small Llama that uses the tiny tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     low_res_encoder, high_res_encoder = random_full_size_encoders()
     tokenizer = tiny_processor.tokenizer
-    llm = AutoModelForCausalLM.from_config(  # as the training job loads it: with an attention kernel set
+    llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=llm_width,
@@ -118,8 +118,7 @@ def build_full_vision(tiny: Model, tiny_processor: MGLLaVAProcessor, llm_width: 
             num_attention_heads=8,
             num_key_value_heads=8,
             max_position_embeddings=2048,
-        ),
-        attn_implementation="sdpa",
+        )
     )
     processor = MGLLaVAProcessor(
         tokenizer,

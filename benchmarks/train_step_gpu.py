@@ -129,9 +129,9 @@ def llm_shape(size: str, llm: str) -> dict:
 
 def tiny_encoders() -> tuple[LowResEncoder, HighResEncoder]:
     import timm
-    from transformers import AutoModel, CLIPVisionConfig
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    clip = AutoModel.from_config(
+    clip = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=64,
             intermediate_size=128,
@@ -139,8 +139,7 @@ def tiny_encoders() -> tuple[LowResEncoder, HighResEncoder]:
             num_attention_heads=2,
             image_size=112,
             patch_size=14,
-        ),
-        attn_implementation="sdpa",
+        )
     )
     return LowResEncoder(clip, -2), HighResEncoder(timm.create_model("convnext_atto", pretrained=False))
 
@@ -149,17 +148,14 @@ def build_model(
     size: str, stage: str, device: torch.device, object_features: str = "direct", llm_name: str = "1b"
 ) -> tuple[MGLLaVAForConditionalGeneration, MGLLaVAProcessor]:
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     high_res, low_res, roi, max_length, _ = SIZES[size]
     llm_kwargs = llm_shape(size, llm_name)
     torch.manual_seed(0)
     with device:  # initialise the random weights where they will live
         low_res_encoder, high_res_encoder = random_full_size_encoders() if size == "full" else tiny_encoders()
-        # from_config, as the training job loads an LLM: a model constructed directly has no attention kernel set
-        # and falls back to eager attention (which materialises every layer's score matrix)
-        llm = AutoModelForCausalLM.from_config(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs),
-                                               attn_implementation="sdpa")
+        llm = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max_length, **llm_kwargs))
     n_image_tokens = low_res_encoder.grid**2
     # only ``collate`` and the placeholder expansion are used (text is synthetic token ids): a
     # three-token tokenizer gives the pad, BOS and EOS ids

@@ -163,14 +163,18 @@ def random_full_size_encoders(select_layer: int = -2) -> tuple[LowResEncoder, Hi
     """The full-size towers of SPEC section 2 with random weights (no download): CLIP ViT-L/14-336
     and the ConvNeXt trunk of OpenCLIP ``convnext_large_d_320``; for shape checks and benchmarks."""
     import open_clip
-    from transformers import AutoModel, CLIPVisionConfig
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14,
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        )
     )
-    # from_config, as from_pretrained: a model constructed directly has no attention kernel set (eager fallback)
-    clip = AutoModel.from_config(config, attn_implementation="sdpa")  # a CLIPVisionModel
     trunk = open_clip.create_model("convnext_large_d_320", pretrained=None).visual.trunk
     return LowResEncoder(clip, select_layer), HighResEncoder(trunk)
 
