@@ -76,6 +76,9 @@ def test_answer_loss_of_groups_padded_apart_equals_one_batch_padded_together():
         naive = (model(**pad_text(short, 0)).loss + model(**pad_text(long, 0)).loss) / 2
     assert torch.allclose(apart, together, atol=1e-5)
     assert not torch.allclose(naive, together, atol=1e-3)  # the groups weigh by their answer tokens
+    rounded = pad_text(long, pad_token_id=0, pad_to_multiple_of=32)  # as answer_loss pads each group
+    assert rounded["input_ids"].shape == (2, 64) and torch.equal(rounded["input_ids"][:, :58],
+                                                                 pad_text(long, pad_token_id=0)["input_ids"])
 
 
 def test_clip_round_trip(tmp_path):

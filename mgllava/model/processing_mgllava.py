@@ -325,10 +325,12 @@ class MGLLaVAProcessor(ProcessorMixin):
         }
 
 
-def pad_text(samples: list[dict], pad_token_id: int, padding_side: Literal["right", "left"] = "right") -> dict:
+def pad_text(samples: list[dict], pad_token_id: int, padding_side: Literal["right", "left"] = "right",
+             pad_to_multiple_of: int = 1) -> dict:
     """Pad the samples' ``input_ids`` (and ``labels``, where given) into ``input_ids``,
-    ``attention_mask``, ``labels`` (B, T); labels are ``IGNORE_INDEX`` on padding."""
-    length = max(len(s["input_ids"]) for s in samples)
+    ``attention_mask``, ``labels`` (B, T), T the longest sample rounded up to ``pad_to_multiple_of``;
+    labels are ``IGNORE_INDEX`` on padding."""
+    length = -(-max(len(s["input_ids"]) for s in samples) // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), length, dtype=torch.long)

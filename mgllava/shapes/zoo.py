@@ -289,12 +289,14 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
     """The loss over every answer token of ``groups`` of rows (``input_ids``, ``labels``), each
     group padded on its own: the loss of all the rows padded as one batch, without padding the
     short rows of one group to the longest of another. Right padding needs no attention mask (as
-    in training's :class:`~mgllava.train.data.Collate`), so SDPA runs its causal kernel."""
+    in training's :class:`~mgllava.train.data.Collate`), so SDPA runs its causal kernel. Lengths are
+    rounded up to a multiple of 32: on a CPU, every new sequence length costs new matrix-product
+    kernels (docs/results.md, session 14)."""
     from mgllava.model.processing_mgllava import IGNORE_INDEX, pad_text
 
     losses, answer_tokens = [], []
     for rows in groups:
-        batch = pad_text(rows, pad_token_id, padding_side="right")  # (b, T) each
+        batch = pad_text(rows, pad_token_id, padding_side="right", pad_to_multiple_of=32)  # (b, T) each
         del batch["attention_mask"]
         losses.append(model(**batch).loss)  # mean over the group's answer tokens
         answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
