@@ -174,8 +174,8 @@ class ZooConfig(_Section):
     def _shares_fit(self) -> ZooConfig:
         if self.llm_option_share + self.llm_lookup_share > 1.0:
             raise ValueError(
-                f"shapes.zoo.llm_option_share ({self.llm_option_share}) + shapes.zoo.llm_lookup_share ({self.llm_lookup_share}) "
-                "exceed 1: they are shares of the same instruction-tuning rows"
+                f"shapes.zoo.llm_option_share ({self.llm_option_share}) + shapes.zoo.llm_lookup_share "
+                f"({self.llm_lookup_share}) exceed 1: they are shares of the same instruction-tuning rows"
             )
         return self
 
@@ -194,6 +194,9 @@ class DataConfig(_Section):
     finetune_json: str = Field(REQUIRED, description="LLaVA-Instruct JSON")
     boxes_dir: str = Field("{work_dir}/boxes", description="Parquet box tables (detect stage output)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    pad_to_multiple_of: int = Field(
+        1, gt=0, description="round each training batch's length up to a multiple of this (fewer distinct shapes)"
+    )
     allow_absolute_image_paths: bool = Field(
         False,
         description="accept absolute 'image' paths in corpora (off: every image must lie below image_root)",

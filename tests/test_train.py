@@ -137,7 +137,7 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
 def test_training_batches_are_right_padded_without_a_mask_and_lose_nothing_by_it(tiny_config):
     """Collate drops the attention mask (so SDPA runs its causal kernel): the loss and its gradients
     equal those of the same rows with the padding masked, and the token count is the mask's."""
-    from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
+    from mgllava.model import MGLLaVAProcessor
 
     records, _ = load_conversations(tiny_config.data.finetune_json)
     processor = MGLLaVAProcessor.from_config(tiny_config.model)
@@ -148,17 +148,42 @@ def test_training_batches_are_right_padded_without_a_mask_and_lose_nothing_by_it
     assert "attention_mask" not in batch and masked["attention_mask"].min() == 0  # the rows differ in length
     assert batch["n_tokens"] == int(masked["attention_mask"].sum())
 
+    _assert_same_loss_and_gradients(tiny_config, batch, masked)
+
+
+def _assert_same_loss_and_gradients(tiny_config, *batches: dict) -> None:
+    """A fresh finetune-stage model gives every batch the same loss and projector gradient."""
+    from mgllava.model import MGLLaVAForConditionalGeneration
+
     model = MGLLaVAForConditionalGeneration.from_config(tiny_config.model)
     model.set_stage("finetune")
     losses, grads = [], []
-    for inputs in ({k: v for k, v in batch.items() if k not in ("skipped", "n_tokens")}, masked):
+    for batch in batches:
         model.zero_grad()
-        loss = model(**inputs).loss
+        loss = model(**{k: v for k, v in batch.items() if k not in ("skipped", "n_tokens")}).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append(model.projector[0].weight.grad.clone())
-    torch.testing.assert_close(losses[0], losses[1])
-    torch.testing.assert_close(grads[0], grads[1])
+    for loss, grad in zip(losses[1:], grads[1:]):
+        torch.testing.assert_close(loss, losses[0])
+        torch.testing.assert_close(grad, grads[0])
+
+
+def test_batches_rounded_up_to_a_multiple_train_as_the_unrounded_ones(tiny_config):
+    """``data.pad_to_multiple_of`` lengthens a batch to the next multiple with padding that carries no
+    labels: the same token count, loss and gradients as the batch padded to its longest row."""
+    from mgllava.model import MGLLaVAProcessor
+
+    records, _ = load_conversations(tiny_config.data.finetune_json)
+    processor = MGLLaVAProcessor.from_config(tiny_config.model)
+    dataset = ConversationDataset(records[:4], tiny_config.data.image_root, {}, processor)
+    items = [dataset[i] for i in range(len(dataset))]
+    tight, rounded = Collate(processor)(items), Collate(processor, pad_to_multiple_of=32)(items)
+    longest = max(len(item["input_ids"]) for item in items)
+    assert tight["input_ids"].shape[1] == longest and longest % 32  # the rounding has something to do
+    assert rounded["input_ids"].shape[1] == -(-longest // 32) * 32
+    assert rounded["n_tokens"] == tight["n_tokens"]
+    _assert_same_loss_and_gradients(tiny_config, tight, rounded)
 
 
 class _Toy(torch.nn.Module):

@@ -311,14 +311,16 @@ class MGLLaVAProcessor(ProcessorMixin):
             return {}
         return {"stop_strings": list(self.template.stop_words), "tokenizer": self.tokenizer}
 
-    def collate(self, samples: list[dict], padding_side: Literal["right", "left"] = "right") -> dict:
-        """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T);
+    def collate(self, samples: list[dict], padding_side: Literal["right", "left"] = "right",
+                pad_to_multiple_of: int = 1) -> dict:
+        """Pad a list of records: ``input_ids``, ``attention_mask``, ``labels`` (B, T), T rounded up to
+        ``pad_to_multiple_of``;
         ``pixel_values`` (sum n_images, 3, H, H) or None; ``boxes``: one (K_i, 4) tensor per image;
         ``image_features``: the records' precomputed :class:`FrozenImageFeatures`, or None."""
         pixel_values = [s["pixel_values"] for s in samples if len(s.get("pixel_values", ()))]
         features = [f for s in samples for f in s.get("image_features", ())]
         return {
-            **pad_text(samples, self.pad_token_id, padding_side),
+            **pad_text(samples, self.pad_token_id, padding_side, pad_to_multiple_of),
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,
             "boxes": [b for s in samples for b in s.get("boxes", ())],
             "image_features": FrozenImageFeatures.cat(features) if features else None,

@@ -240,17 +240,21 @@ class Collate:
     attention a real token never sees a later position, so right padding needs no mask, and the
     padding carries no labels. Without a mask, SDPA and FlashAttention run their causal kernels,
     which skip the masked half of each score matrix instead of computing it and masking it out.
+
+    ``pad_to_multiple_of`` rounds each batch's length up (``data.pad_to_multiple_of``): fewer distinct
+    shapes, so kernels chosen and memory allocated for one batch serve the next.
     """
 
-    def __init__(self, processor: MGLLaVAProcessor):
+    def __init__(self, processor: MGLLaVAProcessor, pad_to_multiple_of: int = 1):
         self.processor = processor
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: list[dict | Skipped]) -> dict:
         samples = [item for item in items if not isinstance(item, Skipped)]
         skipped = [item for item in items if isinstance(item, Skipped)]
         if not samples:
             return {"input_ids": torch.zeros(0, 0, dtype=torch.long), "skipped": skipped, "n_tokens": 0}
-        batch = self.processor.collate(samples, padding_side="right")
+        batch = self.processor.collate(samples, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
         batch["skipped"] = skipped
         batch["n_tokens"] = int(batch.pop("attention_mask").sum())
         return batch

@@ -232,7 +232,7 @@ def _train_stage(config: Config, stage: str, run_id: str, out: Path, spool: Path
     result = run_stage(
         model,
         dataset,
-        Collate(processor),
+        Collate(processor, config.data.pad_to_multiple_of),
         getattr(config.train, stage),
         stage,
         out / "checkpoints",
