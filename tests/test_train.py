@@ -134,15 +134,20 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tiny_config, tmp_pat
         assert batch["pixel_values"].shape[0] == 2 and batch["image_features"] is None
 
 
-def test_training_batches_are_right_padded_without_a_mask_and_lose_nothing_by_it(tiny_config):
-    """Collate drops the attention mask (so SDPA runs its causal kernel): the loss and its gradients
-    equal those of the same rows with the padding masked, and the token count is the mask's."""
+def _first_finetune_items(tiny_config, n: int = 4) -> tuple:
+    """The processor and the first ``n`` loaded samples of the tiny world's finetune corpus."""
     from mgllava.model import MGLLaVAProcessor
 
     records, _ = load_conversations(tiny_config.data.finetune_json)
     processor = MGLLaVAProcessor.from_config(tiny_config.model)
-    dataset = ConversationDataset(records[:4], tiny_config.data.image_root, {}, processor)
-    items = [dataset[i] for i in range(len(dataset))]
+    dataset = ConversationDataset(records[:n], tiny_config.data.image_root, {}, processor)
+    return processor, [dataset[i] for i in range(len(dataset))]
+
+
+def test_training_batches_are_right_padded_without_a_mask_and_lose_nothing_by_it(tiny_config):
+    """Collate drops the attention mask (so SDPA runs its causal kernel): the loss and its gradients
+    equal those of the same rows with the padding masked, and the token count is the mask's."""
+    processor, items = _first_finetune_items(tiny_config)
     batch = Collate(processor)(items)
     masked = processor.collate(items)
     assert "attention_mask" not in batch and masked["attention_mask"].min() == 0  # the rows differ in length
@@ -172,12 +177,7 @@ def _assert_same_loss_and_gradients(tiny_config, *batches: dict) -> None:
 def test_batches_rounded_up_to_a_multiple_train_as_the_unrounded_ones(tiny_config):
     """``data.pad_to_multiple_of`` lengthens a batch to the next multiple with padding that carries no
     labels: the same token count, loss and gradients as the batch padded to its longest row."""
-    from mgllava.model import MGLLaVAProcessor
-
-    records, _ = load_conversations(tiny_config.data.finetune_json)
-    processor = MGLLaVAProcessor.from_config(tiny_config.model)
-    dataset = ConversationDataset(records[:4], tiny_config.data.image_root, {}, processor)
-    items = [dataset[i] for i in range(len(dataset))]
+    processor, items = _first_finetune_items(tiny_config)
     tight, rounded = Collate(processor)(items), Collate(processor, pad_to_multiple_of=32)(items)
     longest = max(len(item["input_ids"]) for item in items)
     assert tight["input_ids"].shape[1] == longest and longest % 32  # the rounding has something to do
