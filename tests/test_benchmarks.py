@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mgllava import child_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_gpu_training_benchmark_runs_at_tiny_size_and_ends_in_its_json(mode, tmp_path):
     command = [sys.executable, "benchmarks/train_step_gpu.py", "--size", "tiny", "--steps", "2", "--warmup", "1",
                "--micro-batch", "2", "--boxes", "3", "--json", str(tmp_path / "out.json"), *mode]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**child_environment(), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}  # not this process's world
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
