@@ -168,7 +168,7 @@ def time_step(model: Model, batch: dict, reps: int) -> tuple[float, int]:
         model.zero_grad(set_to_none=True)
         with peak_memory(model.device) as memory:
             start = time.perf_counter()
-            model(**batch).loss.backward()
+            model(**batch, loss_only=True).loss.backward()
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)

@@ -87,11 +87,11 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=fused_adamw_supported(trainable))
     model.train()
-    model(**batches[0]).loss.backward()  # warm-up
+    model(**batches[0], loss_only=True).loss.backward()  # warm-up
     optimizer.zero_grad()
     started = time.perf_counter()
     for batch in batches:
-        model(**batch).loss.backward()
+        model(**batch, loss_only=True).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

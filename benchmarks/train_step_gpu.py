@@ -22,9 +22,10 @@ time per optimizer step, data loading included), peak ``torch.cuda.max_memory_al
 over the stage, and the model FLOP utilisation against ``--peak-tflops`` (989: the H100
 SXM dense bf16 figure) under two counts of the FLOPs per sample:
 
-- ``analytic``: k x N_llm x T + 6 x sum(N_m x T_m) over the trainable projectors/fusion
-  + F_vision. N_llm: the LLM's parameters without the input embedding table (lm_head
-  included); T: LLM tokens per sample; k = 6 in finetune (forward + input and weight
+- ``analytic``: k x (N_llm x T + N_head x L) + 6 x sum(N_m x T_m) over the trainable
+  projectors/fusion + F_vision. N_llm: the LLM's parameters without the input embedding table
+  and the output projection (N_head); T: LLM tokens per sample; L: the tokens with a loss, the
+  only ones training projects to the vocabulary (``loss_only``); k = 6 in finetune (forward + input and weight
   gradients), 4 in pretrain (the frozen LLM still back-propagates to the image tokens).
   T_m: the tokens each projector maps (576 image tokens; the boxes). F_vision: the frozen
   towers' forward, counted once with ``torch.utils.flop_counter`` (no backward). Attention
@@ -82,6 +83,7 @@ from mgllava.model import (  # noqa: E402
 from mgllava.shapes.zoo import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 GiB = 2**30
+UNLABELLED_PREFIX = 64  # leading tokens of a synthetic sample without a loss (system prompt, question, image)
 
 # name -> (high_res, low_res, roi_output, max_length, Llama config kwargs of the default LLM)
 SIZES = {
@@ -185,7 +187,7 @@ class SyntheticConversations(torch.utils.data.Dataset):
             input_ids = torch.randint(3, vocab, (text_tokens,), generator=generator)
             input_ids[0], input_ids[min(35, text_tokens - 1)] = 1, IMAGE_TOKEN_INDEX  # BOS, then <image>
             labels = input_ids.clone()
-            labels[:64] = IGNORE_INDEX  # system prompt + question + image: no loss
+            labels[:UNLABELLED_PREFIX] = IGNORE_INDEX  # system prompt + question + image: no loss
             input_ids, labels = processor.expand_placeholders(input_ids, labels, [boxes])
             self.items.append(
                 {
@@ -212,7 +214,7 @@ def count_flops(model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torc
     batch = to_device(batch, model.device, dtype)
     model.train()
     with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
+        model(**batch, loss_only=True).loss.backward()
     step = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
     pixel_values = batch["pixel_values"][:1]
@@ -246,7 +248,7 @@ def breakdown(model: MGLLaVAForConditionalGeneration, batch: dict, dtype: torch.
         return statistics.median(times[1:])
 
     def forward_backward():
-        model(**batch).loss.backward()
+        model(**batch, loss_only=True).loss.backward()
         model.zero_grad(set_to_none=True)
 
     model.train()
@@ -285,7 +287,7 @@ def forward_backward_times(
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(**batch).loss
+        loss = model(**batch, loss_only=True).loss
         loss.backward()
         if model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -414,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     parts = breakdown(model, batch_of(args.micro_batch), dtype) if args.breakdown else {}
-    n_llm = sum(p.numel() for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel()
+    n_head = model.llm.get_output_embeddings().weight.numel()
+    n_llm = sum(p.numel() for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel() - n_head
+    labelled_tokens = text_tokens - UNLABELLED_PREFIX  # per sample: the targets with a loss
     k = 6 if args.stage == "finetune" else 4
     n_fusion = sum(p.numel() for p in model.fusion.parameters())
     n_projector = sum(p.numel() for p in model.projector.parameters())
     n_box_projector = sum(p.numel() for p in model.box_projector.parameters())
     analytic_per_sample = (
-        k * n_llm * llm_tokens
+        k * (n_llm * llm_tokens + n_head * labelled_tokens)
         + 6 * ((n_fusion + n_projector) * n_image_tokens + n_box_projector * args.boxes)
         + vision_forward
     )
@@ -466,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         "text_tokens": text_tokens,
         "llm_tokens_per_sample": llm_tokens,
         "params_llm_total": sum(p.numel() for p in model.llm.parameters()),
-        "params_llm_no_embedding": n_llm,
+        "params_llm_no_embedding": n_llm + n_head,
+        "labelled_tokens_per_sample": labelled_tokens,
         "params_vision_frozen": sum(
             p.numel() for m in (model.low_res_encoder, model.high_res_encoder) for p in m.parameters()
         ),

@@ -90,29 +90,32 @@ class ChatTemplate:
 
     def tokenize(
         self,
-        encode: Callable[[str], list[int]],
+        encode: Callable[[list[str]], list[list[int]]],
         turns: list[tuple[str, str]],
         bos_token_id: int | None = None,
         add_generation_prompt: bool = False,
         ignore_index: int = -100,
         eos_token_id: int | None = None,
     ) -> tuple[list[int], list[int]]:
-        """``input_ids`` and ``labels`` of a conversation, each text segment tokenised on its own with
-        ``encode(text)``: labels repeat the ids on trainable segments and are ``ignore_index``
+        """``input_ids`` and ``labels`` of a conversation, each text segment tokenised on its own:
+        ``encode(texts)`` returns each text's ids (one call per conversation, which a fast tokenizer
+        runs as one batch). Labels repeat the ids on trainable segments and are ``ignore_index``
         elsewhere. A tokenizer without a BOS token (``bos_token_id`` None) gets none; a template
         that closes answers with EOS needs ``eos_token_id``."""
+        segments = self.render(turns, add_generation_prompt=add_generation_prompt)
+        if eos_token_id is None and any(segment.special == EOS for segment in segments):
+            raise ValueError(f"chat template {self.name!r} ends each answer with the tokenizer's EOS "
+                             "token, and this tokenizer has none")
+        encoded = iter(encode([segment.text for segment in segments if segment.special is None]))
         input_ids: list[int] = []
         labels: list[int] = []
-        for segment in self.render(turns, add_generation_prompt=add_generation_prompt):
+        for segment in segments:
             if segment.special == BOS:
                 ids = [] if bos_token_id is None else [bos_token_id]
             elif segment.special == EOS:
-                if eos_token_id is None:
-                    raise ValueError(f"chat template {self.name!r} ends each answer with the tokenizer's EOS "
-                                     "token, and this tokenizer has none")
                 ids = [eos_token_id]
             else:
-                ids = encode(segment.text)
+                ids = next(encoded)
             input_ids += ids
             labels += ids if segment.trainable else [ignore_index] * len(ids)
         return input_ids, labels

@@ -30,3 +30,14 @@ def test_the_gpu_training_benchmark_runs_at_tiny_size_and_ends_in_its_json(mode,
     assert last["counted_tflop_per_sample"] > 0 and last["analytic_tflop_per_sample"] > 0
     # every tower runs a real attention kernel: transformers' None (eager fallback) warns on stderr
     assert "config._attn_implementation` set to `None`" not in done.stderr
+
+
+def test_the_loss_benchmark_runs_small_and_both_losses_agree():
+    command = [sys.executable, "benchmarks/lm_loss.py", "--vocab", "2000", "--hidden", "64", "--layers", "1",
+               "--batch", "2", "--seq", "64", "--repeats", "1"]
+    done = subprocess.run(command, cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["benchmark"] == "lm_loss" and last["vocab"] == 2000
+    losses = [last["results"][name]["loss"] for name in ("full_logits", "labelled_only")]
+    assert abs(losses[0] - losses[1]) < 1e-4 and last["time_full_over_labelled"] > 0

@@ -128,6 +128,38 @@ def test_scatter_splice_equals_the_row_by_row_splice(tiny):
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
 
 
+def test_the_training_loss_from_labelled_positions_equals_the_loss_from_full_logits(tiny):
+    """``loss_only`` (what training runs) projects only the labelled positions to the vocabulary; its loss
+    and gradients are those of transformers' loss over the (B, T, vocab) logits, on a batch with images,
+    objects, padding and a text-only row."""
+    _, model, processor = tiny
+    batch = processor.collate(_records(processor))
+    assert (batch["labels"] == IGNORE_INDEX).float().mean() > 0.5  # most positions predict nothing
+
+    def loss_and_grads(**options):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, **options).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    model.set_stage("finetune")  # the LLM's weights, its output projection's included, get gradients
+    try:
+        full_loss, full_grads = loss_and_grads()
+        loss, grads = loss_and_grads(loss_only=True)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.set_stage("pretrain")
+        model.eval()
+    torch.testing.assert_close(loss, full_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == full_grads.keys() and "llm.lm_head.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert model(**batch, loss_only=True).logits is None
+    with pytest.raises(ValueError, match="labels"):
+        model(**{key: value for key, value in batch.items() if key != "labels"}, loss_only=True)
+
+
 def test_placeholder_count_mismatch_is_an_error(tiny):
     _, model, processor = tiny
     batch = processor.collate(_records(processor)[:1])

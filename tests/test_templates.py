@@ -125,9 +125,9 @@ def test_each_text_the_reference_encodes_on_its_own_is_encoded_on_its_own():
     a tokenizer that merges across those boundaries gives the same ids only if we cut there too."""
     calls: list[str] = []
 
-    def encode(text: str) -> list[int]:
-        calls.append(text)
-        return [len(calls)]
+    def encode(texts: list[str]) -> list[list[int]]:  # one call per conversation, each text encoded on its own
+        calls.extend(texts)
+        return [[len(calls) - len(texts) + i + 1] for i in range(len(texts))]
 
     ids, labels = get_template("vicuna").tokenize(encode, llava_turns(TURNS), bos_token_id=1000,
                                                   eos_token_id=2000)
@@ -159,8 +159,8 @@ def test_text_is_cut_at_max_text_length_as_encode_fn_cuts(char_tokenizer):
 
 
 def test_a_tokenizer_without_bos_gets_none_and_one_without_eos_is_refused():
-    def encode(text: str) -> list[int]:
-        return [7] * len(text)
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [[7] * len(text) for text in texts]
 
     ids, _ = get_template("qwen_chat").tokenize(encode, [("human", "a"), ("gpt", "b")], bos_token_id=None)
     assert ids[0] == 7

@@ -38,13 +38,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mgllava.config import ModelConfig
 from mgllava.model.configuration_mgllava import MGLLaVAConfig, legacy_model_config
 from mgllava.model.fusion import ConvGateFusion
 from mgllava.model.object_features import pool_object_features
+from mgllava.model.processing_mgllava import IGNORE_INDEX
 from mgllava.model.projector import MLPProjector
 from mgllava.model.vision import (
     FrozenImageFeatures,
@@ -60,6 +63,18 @@ Stage = Literal["pretrain", "finetune"]
 LEGACY_PROJECTORS = "mgllava_projectors.safetensors"  # fusion, projector, box projector of a legacy export
 PROJECTOR_MODULES = ("fusion", "projector", "box_projector")
 EXPORT_SHARD_SIZE = "5GB"
+
+
+def next_token_loss(llm: PreTrainedModel, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """A causal LM's mean next-token loss over the positions of ``labels`` (B, T) that are not
+    ``IGNORE_INDEX``: transformers' loss, with the vocabulary projection run only on the hidden states
+    that predict a label, so the (B, T, vocab) logits of the batch are never built. ``inputs`` go to the
+    LLM's decoder (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``)."""
+    hidden = llm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
+    predicting = targets != IGNORE_INDEX
+    logits = llm.get_output_embeddings()(hidden[:, :-1][predicting])  # (N, vocab), N labelled tokens
+    return F.cross_entropy(logits.float(), targets[predicting])
 
 
 class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -274,15 +289,24 @@ class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache=None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_only: bool = False,
         **kwargs,
     ):
         """A batch as :meth:`MGLLaVAProcessor.collate` builds it -> the LLM's output (``loss`` with labels,
         ``logits`` (B, T, vocab), ``cache``). Position ids count real tokens (``attention_mask``), so a
-        left-padded row sees the positions it would see alone."""
+        left-padded row sees the positions it would see alone. ``loss_only`` (with ``labels``; what
+        training uses): the output holds the loss alone, computed by :func:`next_token_loss` without the
+        batch's logits."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_multimodal(input_ids, pixel_values, boxes, image_features)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        if loss_only:
+            if labels is None:
+                raise ValueError("loss_only needs labels")
+            loss = next_token_loss(self.llm, labels, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+            return CausalLMOutputWithPast(loss=loss)
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -130,15 +130,22 @@ class MGLLaVAProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ text
 
-    def _encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with ``<image>`` -> ``IMAGE_TOKEN_INDEX``, no special tokens added."""
-        ids: list[int] = []
-        for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if index:
-                ids.append(IMAGE_TOKEN_INDEX)
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each of ``texts`` with ``<image>`` -> ``IMAGE_TOKEN_INDEX``, no special tokens added;
+        the pieces between placeholders are each tokenised on their own, all in one tokenizer call."""
+        split = [text.split(IMAGE_PLACEHOLDER) for text in texts]
+        pieces = [piece for text_pieces in split for piece in text_pieces if piece]
+        encoded = iter(self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else [])
+        result = []
+        for text_pieces in split:
+            ids: list[int] = []
+            for index, piece in enumerate(text_pieces):
+                if index:
+                    ids.append(IMAGE_TOKEN_INDEX)
+                if piece:
+                    ids += next(encoded)
+            result.append(ids)
+        return result
 
     def tokenize_conversation(
         self, turns: list[tuple[str, str]], add_generation_prompt: bool = False

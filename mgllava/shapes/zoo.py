@@ -187,9 +187,9 @@ def pretrain_on_text(
 
     from mgllava.shapes.towers import fit
 
-    encode, stream = _encoder(tokenizer), []
-    for text in texts:
-        stream += [tokenizer.bos_token_id, *encode(text)]
+    stream = []
+    for ids in _encoder(tokenizer)(texts):
+        stream += [tokenizer.bos_token_id, *ids]
     n_blocks = len(stream) // block
     blocks = torch.tensor(stream[: n_blocks * block]).view(n_blocks, block)  # (n_blocks, block)
     generator = torch.Generator().manual_seed(0)
@@ -292,13 +292,13 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
     in training's :class:`~mgllava.train.data.Collate`), so SDPA runs its causal kernel. Lengths are
     rounded up to a multiple of 32: on a CPU, every new sequence length costs new matrix-product
     kernels (docs/results.md, session 14)."""
+    from mgllava.model.modeling_mgllava import next_token_loss
     from mgllava.model.processing_mgllava import IGNORE_INDEX, pad_text
 
     losses, answer_tokens = [], []
     for rows in groups:
         batch = pad_text(rows, pad_token_id, padding_side="right", pad_to_multiple_of=32)  # (b, T) each
-        del batch["attention_mask"]
-        losses.append(model(**batch).loss)  # mean over the group's answer tokens
+        losses.append(next_token_loss(model, batch["labels"], input_ids=batch["input_ids"]))  # mean over answers
         answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
     return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
 
@@ -312,8 +312,8 @@ def _told(ann: dict, question: str) -> str:
 
 
 def _encoder(tokenizer):
-    """``text -> token ids`` without special tokens, the ``encode`` of :meth:`ChatTemplate.tokenize`."""
-    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    """``texts -> each text's token ids`` without special tokens, the ``encode`` of :meth:`ChatTemplate.tokenize`."""
+    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def caption_reading(model, tokenizer, world_dir: Path, template: str = "vicuna_v1", n: int = 200, seed: int = 0) -> dict:

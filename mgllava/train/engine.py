@@ -340,7 +340,7 @@ def run_stage(
                 n_tokens = batch.pop("n_tokens")
                 if batch["input_ids"].numel() == 0:  # every sample of this micro-batch was unusable
                     continue
-                loss = engine(**to_device(batch, engine.device, dtype)).loss
+                loss = engine(**to_device(batch, engine.device, dtype), loss_only=True).loss
                 engine.backward(loss)
                 engine.step()
                 loss_sum, n_losses = loss_sum + loss.detach().float(), n_losses + 1
