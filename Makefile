@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --progress-bar off -c constraints.txt -e '.[dev]'
+	@echo "compiling DeepSpeed's CPU communication op (once per environment; else the first training stage does)"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"
 	touch $@
 
 # The main job on the embedded default (tiny preset, shapes world), as users run it:
