@@ -41,3 +41,14 @@ def test_the_loss_benchmark_runs_small_and_both_losses_agree():
     assert last["benchmark"] == "lm_loss" and last["vocab"] == 2000
     losses = [last["results"][name]["loss"] for name in ("full_logits", "labelled_only")]
     assert abs(losses[0] - losses[1]) < 1e-4 and last["time_full_over_labelled"] > 0
+
+
+@pytest.mark.slow
+def test_the_batch_padding_benchmark_runs_small_and_ends_in_its_json(tmp_path):
+    command = [sys.executable, "benchmarks/batch_padding.py", "--steps", "4", "--images", "12", "--work", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["benchmark"] == "batch_padding" and [run["multiple"] for run in last["runs"]] == [1, 32]
+    assert all(run["steps"] == 4 and len(run["s_per_step_by_quarter"]) == 4 for run in last["runs"])
+    assert last["wall_unrounded_over_rounded"] > 0

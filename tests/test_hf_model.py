@@ -27,6 +27,7 @@ from mgllava.model import (
     answer_questions,
     upgrade_export,
 )
+from mgllava.model.modeling_mgllava import LABELLED_ROWS_MULTIPLE
 
 IMAGES = [Image.new("RGB", (300, 200), (200, 40, 40)), Image.new("RGB", (160, 240), (30, 160, 60))]
 BOXES = [Boxes([[20, 30, 120, 150], [150, 20, 280, 180]], ["square", "circle"], [0.9, 0.6]), None]
@@ -142,15 +143,22 @@ def test_the_training_loss_from_labelled_positions_equals_the_loss_from_full_log
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
+    projected: list[int] = []  # rows the output projection sees
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda _, args, out: projected.append(args[0].shape[:-1].numel()))
     model.train()
     model.set_stage("finetune")  # the LLM's weights, its output projection's included, get gradients
     try:
         full_loss, full_grads = loss_and_grads()
         loss, grads = loss_and_grads(loss_only=True)
     finally:
+        hook.remove()
         model.zero_grad(set_to_none=True)
         model.set_stage("pretrain")
         model.eval()
+    n_labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert projected[0] == batch["labels"].numel()  # transformers: every position
+    assert n_labelled <= projected[1] < n_labelled + LABELLED_ROWS_MULTIPLE  # rounded up: few distinct shapes
+    assert projected[1] % LABELLED_ROWS_MULTIPLE == 0
     torch.testing.assert_close(loss, full_loss, rtol=0, atol=1e-6)
     assert grads.keys() == full_grads.keys() and "llm.lm_head.weight" in grads
     for name, grad in grads.items():

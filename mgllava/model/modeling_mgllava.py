@@ -65,16 +65,25 @@ PROJECTOR_MODULES = ("fusion", "projector", "box_projector")
 EXPORT_SHARD_SIZE = "5GB"
 
 
+LABELLED_ROWS_MULTIPLE = 64
+""":func:`next_token_loss` projects a multiple of this many rows: on a CPU under bf16 autocast every new
+matrix shape costs new kernels and memory, and the count of labelled tokens changes with every batch."""
+
+
 def next_token_loss(llm: PreTrainedModel, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """A causal LM's mean next-token loss over the positions of ``labels`` (B, T) that are not
     ``IGNORE_INDEX``: transformers' loss, with the vocabulary projection run only on the hidden states
-    that predict a label, so the (B, T, vocab) logits of the batch are never built. ``inputs`` go to the
+    that predict a label (their count rounded up to a multiple of ``LABELLED_ROWS_MULTIPLE`` with
+    unlabelled rows), so the (B, T, vocab) logits of the batch are never built. ``inputs`` go to the
     LLM's decoder (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``)."""
     hidden = llm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
-    predicting = targets != IGNORE_INDEX
-    logits = llm.get_output_embeddings()(hidden[:, :-1][predicting])  # (N, vocab), N labelled tokens
-    return F.cross_entropy(logits.float(), targets[predicting])
+    batch_index, position = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each: t predicts t + 1
+    targets = labels[batch_index, position + 1]  # (N,)
+    padding = -len(targets) % LABELLED_ROWS_MULTIPLE
+    rows = torch.cat([batch_index * labels.shape[1] + position, position.new_zeros(padding)])  # into (B * T)
+    targets = torch.cat([targets, targets.new_full((padding,), IGNORE_INDEX)])  # the padding rows: no loss
+    logits = llm.get_output_embeddings()(hidden.flatten(0, 1)[rows])  # (N + padding, vocab)
+    return F.cross_entropy(logits.float(), targets)
 
 
 class MGLLaVAForConditionalGeneration(PreTrainedModel, GenerationMixin):
