@@ -292,13 +292,13 @@ def answer_loss(model, groups: list[list[dict[str, list[int]]]], pad_token_id: i
     in training's :class:`~mgllava.train.data.Collate`), so SDPA runs its causal kernel. Lengths are
     rounded up to a multiple of 32: on a CPU, every new sequence length costs new matrix-product
     kernels (docs/results.md, session 14)."""
-    from mgllava.model.modeling_mgllava import next_token_loss
     from mgllava.model.processing_mgllava import IGNORE_INDEX, pad_text
 
     losses, answer_tokens = [], []
     for rows in groups:
         batch = pad_text(rows, pad_token_id, padding_side="right", pad_to_multiple_of=32)  # (b, T) each
-        losses.append(next_token_loss(model, batch["labels"], input_ids=batch["input_ids"]))  # mean over answers
+        del batch["attention_mask"]
+        losses.append(model(**batch).loss)  # mean over the group's answer tokens
         answer_tokens.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts labels by one
     return sum(loss * n for loss, n in zip(losses, answer_tokens)) / sum(answer_tokens)
 
