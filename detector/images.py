@@ -120,16 +120,18 @@ def _decode(key: str, path: str, data: bytes, max_pixels: int) -> DecodedImage |
         return Rejected(key, path, "too_large", str(exc))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, ImportError) as exc:
         return Rejected(key, path, "unreadable", f"{type(exc).__name__}: {exc}")
-    with im:
-        width, height = im.size
-        if width <= 0 or height <= 0:
-            return Rejected(key, path, "zero_size", f"size {width}x{height}")
-        if width * height > max_pixels:
-            return Rejected(key, path, "too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
-        try:
-            rgb = im.convert("RGB")
-        except Exception as exc:  # truncated streams, broken zlib/JPEG data...
-            return Rejected(key, path, "truncated", f"{type(exc).__name__}: {exc}")
+    # not closed (the stream is the bytes in memory): an RGB file's decoded image is returned as it is,
+    # without the copy that convert("RGB") makes of it
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        return Rejected(key, path, "zero_size", f"size {width}x{height}")
+    if width * height > max_pixels:
+        return Rejected(key, path, "too_large", f"{width}x{height} = {width * height} pixels > {max_pixels}")
+    try:
+        im.load()
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+    except Exception as exc:  # truncated streams, broken zlib/JPEG data...
+        return Rejected(key, path, "truncated", f"{type(exc).__name__}: {exc}")
     return DecodedImage(rgb, data)
 
 
@@ -138,6 +140,8 @@ def load_image(key: str, path: str, max_pixels: int) -> LoadedImage | Rejected:
     decoded = decode_image(key, path, max_pixels)
     if isinstance(decoded, Rejected):
         return decoded
-    bgr = np.ascontiguousarray(np.asarray(decoded.image)[:, :, ::-1])
+    import cv2  # Ultralytics' dependency; a contiguous BGR copy several times faster than numpy's [..., ::-1]
+
+    bgr = cv2.cvtColor(np.asarray(decoded.image), cv2.COLOR_RGB2BGR)
     width, height = decoded.image.size
     return LoadedImage(key, path, hashlib.sha256(decoded.data).hexdigest(), width, height, bgr)
