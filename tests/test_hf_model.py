@@ -27,7 +27,7 @@ from mgllava.model import (
     answer_questions,
     upgrade_export,
 )
-from mgllava.model.modeling_mgllava import LABELLED_ROWS_MULTIPLE
+from mgllava.model.modeling_mgllava import LABELLED_ROWS_MULTIPLE, next_token_loss
 
 IMAGES = [Image.new("RGB", (300, 200), (200, 40, 40)), Image.new("RGB", (160, 240), (30, 160, 60))]
 BOXES = [Boxes([[20, 30, 120, 150], [150, 20, 280, 180]], ["square", "circle"], [0.9, 0.6]), None]
@@ -166,6 +166,26 @@ def test_the_training_loss_from_labelled_positions_equals_the_loss_from_full_log
     assert model(**batch, loss_only=True).logits is None
     with pytest.raises(ValueError, match="labels"):
         model(**{key: value for key, value in batch.items() if key != "labels"}, loss_only=True)
+
+
+def test_an_llm_whose_logits_are_more_than_its_output_projection_gets_its_own_loss():
+    """Gemma-2 soft-caps its logits after the output projection: the loss from labelled positions alone
+    would skip that, so ``next_token_loss`` returns the LLM's own loss for it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    llm = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         final_logit_softcapping=0.5, tie_word_embeddings=False))
+    with torch.no_grad():
+        llm.lm_head.weight.mul_(100)  # logits of a few units, where the cap at 0.5 bends them
+    input_ids = torch.randint(0, 64, (2, 12))
+    labels = torch.where(torch.arange(12) < 6, IGNORE_INDEX, input_ids)
+    own = llm(input_ids=input_ids, labels=labels).loss
+    torch.testing.assert_close(next_token_loss(llm, labels, input_ids=input_ids), own, rtol=0, atol=1e-6)
+    hidden = llm.get_decoder()(input_ids=input_ids).last_hidden_state
+    uncapped = torch.nn.functional.cross_entropy(llm.lm_head(hidden[:, 5:-1]).flatten(0, 1), labels[:, 6:].flatten())
+    assert abs(float(uncapped) - float(own)) > 0.1  # the soft-cap matters at these sizes
 
 
 def test_placeholder_count_mismatch_is_an_error(tiny):

@@ -70,12 +70,21 @@ LABELLED_ROWS_MULTIPLE = 64
 matrix shape costs new kernels and memory, and the count of labelled tokens changes with every batch."""
 
 
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+"""LLM architectures whose logits are their output projection of the decoder's last hidden state and nothing
+more (no final soft-capping as Gemma-2's, no logit scale as Cohere's or Granite's): :func:`next_token_loss`
+computes their training loss. Any other LLM's loss comes from its own forward over the full logits."""
+
+
 def next_token_loss(llm: PreTrainedModel, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """A causal LM's mean next-token loss over the positions of ``labels`` (B, T) that are not
     ``IGNORE_INDEX``: transformers' loss, with the vocabulary projection run only on the hidden states
     that predict a label (their count rounded up to a multiple of ``LABELLED_ROWS_MULTIPLE`` with
     unlabelled rows), so the (B, T, vocab) logits of the batch are never built. ``inputs`` go to the
-    LLM's decoder (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``)."""
+    LLM's decoder (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``). For an
+    architecture outside :data:`PLAIN_HEAD_MODEL_TYPES`, the LLM's own loss (its full logits)."""
+    if llm.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+        return llm(**inputs, labels=labels, use_cache=False).loss
     hidden = llm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
     batch_index, position = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each: t predicts t + 1
     targets = labels[batch_index, position + 1]  # (N,)
