@@ -44,14 +44,18 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- model
 
 
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+"""The LLM's attention kernel (transformers' ``attn_implementation``)."""
+
+
 class LLMConfig(_Section):
     path: str = Field(description="Hugging Face model directory (config, weights, tokenizer)")
     template: str = Field(description="chat template: " + ", ".join(TEMPLATES))
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+    attention: Attention = Field(
         "sdpa",
         description="the LLM's attention kernel in training (transformers' attn_implementation): sdpa "
         "(PyTorch's fused kernels), eager (plain matrix products), flash_attention_2 (needs the flash-attn "
-        "package); an exported model loads with transformers' default",
+        "package); evaluation has its own, eval.attention",
     )
 
     @field_validator("template")
@@ -308,6 +312,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate at most this many samples per task")
     max_new_tokens: int = Field(16, gt=0)
+    attention: Attention | None = Field(
+        None, description="the LLM's attention kernel when evaluating (sdpa, eager, flash_attention_2); "
+        "unset: transformers' default for the exported LLM"
+    )
     data_dirs: dict[str, str] = Field(
         default_factory=dict, description="task -> local directory of real benchmark data"
     )

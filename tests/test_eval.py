@@ -210,6 +210,29 @@ def test_evaluate_flow_end_to_end(prefect_server, exported, boxy, tiny_world, ti
 # ----------------------------------------------------------------------------- chat
 
 
+def test_evaluation_loads_the_llm_with_the_attention_kernel_chosen(exported, tiny_world, tiny_zoo, tmp_path):
+    import torch
+
+    from mgllava.eval.lmms_model import MGLLaVALmms, load_model
+    from mgllava.eval.runner import model_kwargs
+
+    default, _ = load_model(exported, "cpu")
+    eager, _ = load_model(exported, "cpu", "eager")
+    assert eager is not default and load_model(exported, "cpu", "eager")[0] is eager  # one copy per setting
+    assert (default.llm.config._attn_implementation, eager.llm.config._attn_implementation) == ("sdpa", "eager")
+    ids = torch.arange(1, 40)[None]  # (1, 39)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.llm(ids).logits, default.llm(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="attention='flash'.*sdpa, eager, flash_attention_2"):
+        MGLLaVALmms(pretrained=exported, detector="none", attention="flash")
+
+    overrides = tiny_overrides(tiny_world, tiny_zoo, tmp_path)
+    assert model_kwargs(load_config(overrides=overrides), exported)["attention"] is None
+    assert model_kwargs(load_config(overrides=[*overrides, "eval.attention=eager"]), exported)["attention"] == "eager"
+    with pytest.raises(ValueError, match="eval.attention"):
+        load_config(overrides=[*overrides, "eval.attention=flash"])
+
+
 def test_chat_prints_detector_boxes_and_answers(exported, boxy, tiny_world, tmp_path, capsys, monkeypatch):
     image = sorted((tiny_world / "images" / "bench").glob("*.png"))[0]
     base = ["chat", "--model", exported, "--image", str(image), "--detector", boxy,

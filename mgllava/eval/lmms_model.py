@@ -20,6 +20,8 @@ model arguments (all strings on the command line):
 ``feature_cache``    images whose frozen features are kept for later questions (default 256,
                      least recently used out; 0: none kept between batches)
 ``device``           auto (CUDA if available), cpu, cuda:0...
+``attention``        the LLM's attention kernel: sdpa, eager, flash_attention_2 (default:
+                     transformers' default for the exported LLM)
 ===================  ==================================================================
 
 Only ``generate_until`` is implemented: every benchmark of SPEC section 7 is a
@@ -54,12 +56,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from detector.errors import DetectorError
+from mgllava.config import Attention
 from mgllava.eval.boxes import BoxesUnavailable, BoxSource, ImageRef, recorded_detector
 from mgllava.model import answer_questions
 from mgllava.model.vision import FrozenImageFeatures
@@ -70,7 +74,8 @@ log = logging.getLogger(__name__)
 # doc columns that hold an image's key (the shapes world's sets put box-table keys there)
 IMAGE_KEY_COLUMNS = ("image_source", "image_id", "imageId", "image_key")
 
-_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str, str | None], torch.nn.Module] = {}
+ATTENTION_KERNELS = get_args(Attention)
 _MODELS_LOCK = threading.Lock()
 
 
@@ -101,18 +106,24 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def load_model(export_dir: str | Path, device: str | None = None):
-    """``(model, processor)`` of the export in ``export_dir``, the model on ``device``, loaded once per
-    process (a legacy export is converted while loading)."""
+def load_model(export_dir: str | Path, device: str | None = None, attention: str | None = None):
+    """``(model, processor)`` of the export in ``export_dir``, the model on ``device`` with the LLM's
+    ``attention`` kernel (None: transformers' default), loaded once per process and setting (a legacy
+    export is converted while loading)."""
     from mgllava.model import MGLLaVAForConditionalGeneration, MGLLaVAProcessor
 
-    key = (str(Path(export_dir).resolve()), resolve_device(device))
+    if attention is not None and attention not in ATTENTION_KERNELS:
+        raise ValueError(f"mgllava: attention={attention!r}: choose one of {', '.join(ATTENTION_KERNELS)}")
+    key = (str(Path(export_dir).resolve()), resolve_device(device), attention)
     with _MODELS_LOCK:
         if key not in _MODELS:
             t0 = time.perf_counter()
             model = MGLLaVAForConditionalGeneration.from_pretrained(key[0]).to(key[1]).eval()
+            if attention is not None:
+                model.llm.set_attn_implementation(attention)
             _MODELS[key] = (model, MGLLaVAProcessor.from_pretrained(key[0]))
-            log.info("loaded MG-LLaVA from %s on %s in %.1f s", key[0], key[1], time.perf_counter() - t0)
+            log.info("loaded MG-LLaVA from %s on %s (LLM attention: %s) in %.1f s", key[0], key[1],
+                     model.llm.config._attn_implementation, time.perf_counter() - t0)
         return _MODELS[key]
 
 
@@ -156,6 +167,7 @@ class MGLLaVALmms(lmms):
         max_new_tokens: int | str = 16,
         feature_cache: int | str = 256,
         device: str | None = None,
+        attention: str | None = None,
         **unused,
     ) -> None:
         super().__init__()
@@ -167,7 +179,7 @@ class MGLLaVALmms(lmms):
         settings, weights_sha256 = _detector_settings(  # a refused recorded detector stops before the model loads
             detector, detector_conf, detector_imgsz, detector_iou, self.device, self.pretrained
         )
-        self.model, self.processor = load_model(pretrained, self.device)
+        self.model, self.processor = load_model(pretrained, self.device, attention or None)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.feature_cache_size = int(feature_cache)

@@ -217,6 +217,7 @@ def model_kwargs(config, model_dir: str | Path, batch_size: int | None = None) -
         "detection_cache": str(Path(config.work_dir) / "eval" / "detections"),
         "batch_size": batch_size or config.eval.batch_size,
         "max_new_tokens": config.eval.max_new_tokens,
+        "attention": config.eval.attention,
     }
 
 
