@@ -207,9 +207,6 @@ def test_evaluate_flow_end_to_end(prefect_server, exported, boxy, tiny_world, ti
     assert q("SELECT count(*) FROM eval_tasks") == [(5,)] and q("SELECT count(*) FROM eval_runs") == [(2,)]
 
 
-# ----------------------------------------------------------------------------- chat
-
-
 def test_evaluation_loads_the_llm_with_the_attention_kernel_chosen(exported, tiny_world, tiny_zoo, tmp_path):
     import torch
 
@@ -231,6 +228,9 @@ def test_evaluation_loads_the_llm_with_the_attention_kernel_chosen(exported, tin
     assert model_kwargs(load_config(overrides=[*overrides, "eval.attention=eager"]), exported)["attention"] == "eager"
     with pytest.raises(ValueError, match="eval.attention"):
         load_config(overrides=[*overrides, "eval.attention=flash"])
+
+
+# ----------------------------------------------------------------------------- chat
 
 
 def test_chat_prints_detector_boxes_and_answers(exported, boxy, tiny_world, tmp_path, capsys, monkeypatch):

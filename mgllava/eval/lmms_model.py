@@ -74,8 +74,9 @@ log = logging.getLogger(__name__)
 # doc columns that hold an image's key (the shapes world's sets put box-table keys there)
 IMAGE_KEY_COLUMNS = ("image_source", "image_id", "imageId", "image_key")
 
-_MODELS: dict[tuple[str, str, str | None], torch.nn.Module] = {}
 ATTENTION_KERNELS = get_args(Attention)
+
+_MODELS: dict[tuple[str, str, str | None], torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
 
 
