@@ -256,11 +256,10 @@ def _global_order(lengths, stage, epochs=1, world_size=1, seed=0):
     return plan, per_rank, order
 
 
-def test_length_grouping_is_on_for_the_full_size_finetunes_only():
-    for name in FULL_SIZE:
+def test_length_grouping_is_on_for_every_finetune_and_off_for_pretrain():
+    for name in [*FULL_SIZE, "tiny"]:
         train = load_config(preset=name).train
         assert train.finetune.group_by_length and not train.pretrain.group_by_length, name
-    assert not load_config(preset="tiny").train.finetune.group_by_length  # tiny keeps its shuffled order
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
