@@ -52,3 +52,20 @@ def test_the_batch_padding_benchmark_runs_small_and_ends_in_its_json(tmp_path):
     assert last["benchmark"] == "batch_padding" and [run["multiple"] for run in last["runs"]] == [1, 32]
     assert all(run["steps"] == 4 and len(run["s_per_step_by_quarter"]) == 4 for run in last["runs"])
     assert last["wall_unrounded_over_rounded"] > 0
+
+
+@pytest.mark.slow
+def test_the_training_overhead_benchmark_runs_small_and_ends_in_its_json(tiny_world, tiny_zoo, tmp_path):
+    work = tmp_path / "work"  # the benchmark writes its checkpoints here, not next to the session's zoo
+    work.mkdir()
+    (work / "world").symlink_to(tiny_world)
+    (work / "zoo").symlink_to(tiny_zoo)
+    command = [sys.executable, "benchmarks/train_step.py", "--steps", "3", "--batch", "2", "--rounds", "2",
+               "--breakdown", "--work", str(work)]
+    done = subprocess.run(command, cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["benchmark"] == "train_step" and last["steps"] == 3 and last["batch"] == 2
+    assert len(last["round_full_over_plain"]) == 2
+    assert last["full_over_plain"] == pytest.approx(last["full_s_per_step"] / last["plain_s_per_step"], rel=0.01)
+    assert all(last[key] > 0 for key in ("cached_s_per_step", "engine_s_per_step", "data_cpu_s_per_batch"))
